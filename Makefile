@@ -1,0 +1,41 @@
+# capsnets: `make train` trains CapsNet on the shipped MNIST sample (offline, ~5 min on 2 CPU cores);
+# `make test` runs the whole test suite. Both create .venv and install the project first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.capsnets-installed
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-fast fashion-mnist clean help
+
+help:
+	@echo "make train      train dr_caps on the shipped MNIST sample (offline)"
+	@echo "make test       run the whole test suite (includes slow and realdata tests)"
+	@echo "make test-fast  skip the slow end-to-end tests"
+	@echo "make install    create $(VENV) and install capsnets with its dev extras"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Real MNIST sample (10,000 digits) shipped in src/capsnets/data/mnist_sample: no internet needed.
+train: install
+	$(PY) train.py data=mnist_sample trainer.max_epochs=2 tags=[make_train]
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Debian's full Fashion-MNIST (used by the realdata tests and offline data=fashion_mnist runs)
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,24 @@
+"""Datasets as LightningDataModules, their file-format readers and device-side transforms.
+
+Every image DataModule yields batches ``(x_uint8, y)`` and converts them on the device in
+``on_after_batch_transfer`` (float in [0, 1], plus the training-time random shift of
+Sabour et al. 2017), so any model runs on any of them.
+"""
+
+from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset
+from capsnets.data.idx import read_idx, write_idx
+from capsnets.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from capsnets.data.synthetic import SyntheticDataModule
+from capsnets.data.transforms import random_shift, shift_images
+
+__all__ = [
+    "FashionMNISTDataModule",
+    "ImageClassificationDataModule",
+    "MNISTDataModule",
+    "SyntheticDataModule",
+    "TensorPairDataset",
+    "random_shift",
+    "read_idx",
+    "shift_images",
+    "write_idx",
+]

@@ -1,0 +1,128 @@
+"""Common base of the in-memory image-classification DataModules (MNIST, Fashion-MNIST, synthetic).
+
+Images are held as one uint8 tensor (N, C, H, W) per split and batches travel to the device
+as ``(x_uint8, y_int64)``: four times less host-to-device traffic than float32, and no
+per-sample transform in the workers. :meth:`on_after_batch_transfer` then converts to float
+in [0, 1] on the device and, during training only, applies the random shift of Sabour et
+al. (2017) to the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from capsnets.data.transforms import random_shift
+from capsnets.utils.validation import require_int
+
+__all__ = ["ImageClassificationDataModule", "TensorPairDataset"]
+
+
+class TensorPairDataset(Dataset):
+    """Images (N, C, H, W) and labels (N,) in memory, fetched a whole batch at a time.
+
+    ``__getitems__`` lets the DataLoader index both tensors once per batch instead of
+    stacking ``batch_size`` single samples.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+            shapes = f"{tuple(images.shape)} and {tuple(labels.shape)}"
+            raise ValueError(f"TensorPairDataset needs images (N, C, H, W) and labels (N,), got {shapes}")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]  # (B, C, H, W) uint8, (B,) int64
+
+
+def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate for :class:`TensorPairDataset`: the batch is already stacked by ``__getitems__``."""
+    if isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch):
+        return batch
+    images, labels = zip(*batch)  # a list of samples, e.g. from a dataset without __getitems__
+    return torch.stack(images), torch.stack(labels)
+
+
+class ImageClassificationDataModule(LightningDataModule):
+    """Dataloaders and the device-side batch transform shared by every image DataModule.
+
+    Subclasses fill ``data_train``, ``data_val`` and ``data_test`` (:class:`TensorPairDataset`
+    of uint8 images) in ``setup``.
+
+    Args:
+        batch_size: samples per batch (128 in Sabour et al. 2017).
+        num_workers: DataLoader worker processes; workers persist across epochs when > 0.
+        pin_memory: pin host memory for faster copies to the GPU.
+        shift_pixels: largest random training shift in pixels (2 in the paper); 0 disables it.
+        in_channels, image_size, num_classes: the data shapes models read from the config.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        shift_pixels: int,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        self.batch_size = require_int("data.batch_size", batch_size, minimum=1)
+        self.num_workers = require_int("data.num_workers", num_workers, minimum=0)
+        self.shift_pixels = require_int("data.shift_pixels", shift_pixels, minimum=0)
+        self.in_channels = require_int("data.in_channels", in_channels, minimum=1)
+        self.image_size = require_int("data.image_size", image_size, minimum=1)
+        self.num_classes = require_int("data.num_classes", num_classes, minimum=2)
+        self.pin_memory = bool(pin_memory)
+        self.data_train: TensorPairDataset | None = None
+        self.data_val: TensorPairDataset | None = None
+        self.data_test: TensorPairDataset | None = None
+
+    def _loader(self, dataset: TensorPairDataset | None, *, shuffle: bool, split: str) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.{split}_dataloader() called before setup().")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, shuffle=True, split="train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, shuffle=False, split="val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, shuffle=False, split="test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, shuffle=False, split="predict")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 -> float32 in [0, 1] on the device; random shift while training (never val/test)."""
+        x, y = batch
+        if not torch.is_floating_point(x):
+            x = x.float() / 255.0
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self.shift_pixels > 0:
+            x = random_shift(x, self.shift_pixels)
+        return x, y

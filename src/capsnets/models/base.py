@@ -1,0 +1,120 @@
+"""Shared LightningModule base: metrics, optimiser and LR schedule from plain dicts,
+a samples-seen counter that survives resume, and checkpoint metadata for ``eval.py``.
+
+Schedules count samples, not steps (DESIGN.md): the exponential LR decay is defined as
+``decay_rate`` every ``decay_samples`` training samples (the official CapsNet code decays by
+0.96 every 2,000 steps of 128 samples = 256,000 samples), so batch size and device count
+do not change the curve.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torchmetrics.classification import MulticlassAccuracy
+
+from capsnets.errors import ConfigError
+from capsnets.utils.validation import require_choice, require_positive, require_range
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SCHEDULERS = ("exponential", "none")
+
+
+def validate_optimizer(cfg: dict[str, Any]) -> None:
+    """Check ``model.optimizer`` (name, lr, weight_decay) before anything is built."""
+    require_choice("model.optimizer.name", cfg.get("name"), tuple(OPTIMIZERS))
+    require_positive("model.optimizer.lr", cfg.get("lr"))
+    if cfg.get("weight_decay", 0.0) < 0:
+        raise ConfigError(f"model.optimizer.weight_decay must be >= 0, got {cfg['weight_decay']!r}.")
+
+
+def validate_scheduler(cfg: dict[str, Any]) -> None:
+    """Check ``model.scheduler`` (name, decay_rate in (0, 1], decay_samples > 0)."""
+    name = require_choice("model.scheduler.name", cfg.get("name", "none"), SCHEDULERS)
+    if name == "exponential":
+        require_range("model.scheduler.decay_rate", cfg.get("decay_rate"), 1e-12, 1.0)
+        require_positive("model.scheduler.decay_samples", cfg.get("decay_samples"))
+
+
+class CapsuleClassifier(LightningModule):
+    """Base class: subclasses build ``self.net`` and implement ``shared_step``."""
+
+    def __init__(self, *, num_classes: int, optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
+        super().__init__()
+        validate_optimizer(optimizer)
+        validate_scheduler(scheduler)
+        self.optimizer_cfg = dict(optimizer)
+        self.scheduler_cfg = dict(scheduler)
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.samples_seen = 0  # global training samples so far (all devices); saved in checkpoints
+
+    # --- subclasses -----------------------------------------------------------------
+    def shared_step(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Return (loss, class scores (B, K), extra named loss terms to log)."""
+        raise NotImplementedError
+
+    # --- steps ----------------------------------------------------------------------
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y = batch
+        loss, scores, parts = self.shared_step(batch, stage)
+        metric = {"train": self.train_acc, "val": self.val_acc, "test": self.test_acc}[stage]
+        metric(scores.detach(), y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        for name, value in parts.items():
+            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.samples_seen += int(batch[0].shape[0]) * self.trainer.world_size
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        _, scores, _ = self.shared_step(batch, "predict")
+        return scores.argmax(dim=-1)
+
+    # --- optimisation ---------------------------------------------------------------
+    def effective_batch_size(self) -> int:
+        """Samples consumed by one optimiser step: batch x devices x gradient accumulation."""
+        dm = getattr(self.trainer, "datamodule", None)
+        batch = getattr(getattr(dm, "hparams", {}), "get", lambda *_: None)("batch_size")
+        if batch is None:
+            raise ConfigError("The LR schedule counts samples and needs the DataModule's batch_size (data.batch_size).")
+        return int(batch) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> Any:
+        cfg = dict(self.optimizer_cfg)
+        optimizer_cls = OPTIMIZERS[cfg.pop("name")]
+        optimizer = optimizer_cls(self.parameters(), **cfg)
+        if self.scheduler_cfg.get("name", "none") == "none":
+            return optimizer
+        # lr(samples) = lr0 * decay_rate ** (samples / decay_samples), applied per step.
+        gamma = self.scheduler_cfg["decay_rate"] ** (self.effective_batch_size() / self.scheduler_cfg["decay_samples"])
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints ----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain values only, so torch.load(weights_only=True) can read the file.
+        meta: dict[str, Any] = {"model_class": f"{type(self).__module__}.{type(self).__qualname__}", "samples_seen": self.samples_seen}
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            meta["datamodule_class"] = f"{type(dm).__module__}.{type(dm).__qualname__}"
+            meta["datamodule_hparams"] = dict(dm.hparams)
+        checkpoint["capsnets"] = meta
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.samples_seen = int(checkpoint.get("capsnets", {}).get("samples_seen", 0))

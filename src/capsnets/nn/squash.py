@@ -1,0 +1,19 @@
+"""Squash non-linearity (Sabour et al. 2017, Eq. 1).
+
+``v = |s|^2 / (1 + |s|^2) * s / |s|``: short vectors shrink to almost zero length, long
+ones to just under length one, and the direction is kept. The norm is computed as
+``sqrt(sum s^2 + eps)`` (epsilon *inside* the square root): the official code has no
+epsilon, and ``d|s|/ds`` is then 0/0 at ``s = 0``, which is where public ports get NaN
+gradients. With the epsilon, ``squash(0) = 0`` with a finite gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    """Squash ``s`` along ``dim`` so that its length lies in [0, 1)."""
+    sq_norm = s.pow(2).sum(dim=dim, keepdim=True)  # |s|^2
+    norm = torch.sqrt(sq_norm + eps)  # |s|, safe at s = 0
+    return (sq_norm / (1.0 + sq_norm)) * (s / norm)

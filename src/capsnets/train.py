@@ -1,0 +1,103 @@
+"""Hydra entry point for training: ``python train.py [group=option ...] [key=value ...]``.
+
+Instantiates DataModule -> model -> callbacks -> loggers -> trainer (in that order, so that
+bad config fails before any data is read or any file is written), fits, tests the best
+checkpoint and returns ``cfg.optimized_metric`` for sweepers.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from lightning import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from capsnets.errors import ConfigError
+from capsnets.utils.instantiate import (
+    check_ckpt_path,
+    instantiate_callbacks,
+    instantiate_datamodule,
+    instantiate_loggers,
+    instantiate_model,
+    instantiate_trainer,
+    resolved_config,
+)
+from capsnets.utils.resolvers import CONFIG_DIR
+
+log = logging.getLogger(__name__)
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1}
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train (and test) as configured; returns every scalar metric logged."""
+    if cfg.get("seed") is not None:
+        seed_everything(cfg.seed, workers=True)
+    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+
+    datamodule = instantiate_datamodule(cfg.data)
+    model = instantiate_model(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer = instantiate_trainer(cfg.trainer, callbacks, loggers)
+    for logger in loggers:
+        logger.log_hyperparams(resolved_config(cfg))
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update(_scalar_metrics(trainer.callback_metrics))
+
+    if cfg.get("test", True):
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        test_ckpt = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+        if not cfg.get("train", True):
+            test_ckpt = ckpt_path
+        if test_ckpt is None and cfg.get("train", True) and not trainer.fast_dev_run:
+            log.warning("No best checkpoint found; testing the weights at the end of training.")
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=test_ckpt)
+        metrics.update(_scalar_metrics(trainer.callback_metrics))
+
+    _print_summary(cfg, trainer, metrics)
+    return metrics
+
+
+def _print_summary(cfg: DictConfig, trainer: Any, metrics: dict[str, float]) -> None:
+    lines = [f"Run directory: {cfg.paths.output_dir}"]
+    for logger in trainer.loggers:
+        lines.append(f"{type(logger).__name__}: {logger.log_dir}")
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "best_model_path", ""):
+            lines.append(f"Best checkpoint ({cb.monitor}={float(cb.best_model_score):.4f}): {cb.best_model_path}")
+        if getattr(cb, "last_model_path", ""):
+            lines.append(f"Last checkpoint: {cb.last_model_path}")
+    shown = {k: v for k, v in metrics.items() if k.endswith("/acc") or k.endswith("/loss")}
+    lines.append("Metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
+    if trainer.is_global_zero:
+        print("\n".join(lines), flush=True)
+
+
+def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value a sweeper optimises; a clear error when it was never logged."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(f"optimized_metric={name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}.")
+    return metrics[name]
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Build the parts of a run from config: DataModule -> model -> callbacks -> loggers -> trainer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from capsnets.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(cfg: DictConfig | None, kind: str) -> list[Any]:
+    """Each entry of a group like ``callbacks`` or ``logger`` with a ``_target_`` becomes one object."""
+    if not cfg:
+        return []
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{kind} config must be a mapping of name -> {{_target_: ...}}, got {type(cfg).__name__}.")
+    objects = []
+    for name, conf in cfg.items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            log.info("Instantiating %s <%s> (%s)", kind, conf._target_, name)
+            objects.append(hydra.utils.instantiate(conf, _convert_="all"))
+    return objects
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    return _instantiate_group(cfg, "callbacks")
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    return _instantiate_group(cfg, "logger")
+
+
+def instantiate_datamodule(cfg: DictConfig) -> LightningDataModule:
+    log.info("Instantiating datamodule <%s>", cfg._target_)
+    return hydra.utils.instantiate(cfg, _convert_="all")
+
+
+def instantiate_model(cfg: DictConfig) -> LightningModule:
+    log.info("Instantiating model <%s>", cfg._target_)
+    # _convert_="all": plain dicts/lists in hparams, so checkpoints load with weights_only=True
+    return hydra.utils.instantiate(cfg, _convert_="all")
+
+
+def instantiate_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> Trainer:
+    log.info("Instantiating trainer <%s>", cfg._target_)
+    return hydra.utils.instantiate(cfg, callbacks=callbacks, logger=loggers or False)
+
+
+def check_ckpt_path(ckpt_path: str | None, key: str = "ckpt_path") -> str | None:
+    """Fail early, naming the key, when a checkpoint to resume from or evaluate is missing."""
+    if ckpt_path is None:
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"{key}={ckpt_path!r} is not a file. Fix: pass the path of a .ckpt written by a run, "
+            f"e.g. {key}=outputs/train/runs/<date>/checkpoints/last.ckpt"
+        )
+    return str(path.resolve())
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The whole config with interpolations resolved, as plain dicts (for loggers)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]

@@ -1,0 +1,41 @@
+"""Small checks used by constructors so that bad config values fail before training.
+
+Each message names the config key (e.g. ``model.net.routing_iterations``), the value
+received and the allowed range, so the fix is obvious from the command line.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Any
+
+from capsnets.errors import ConfigError
+
+
+def require_int(key: str, value: Any, *, minimum: int = 1) -> int:
+    """Return ``value`` as int if it is an integer >= ``minimum``, else raise ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}. Fix: pass {key}=<int >= {minimum}>.")
+    return int(value)
+
+
+def require_positive(key: str, value: Any) -> float:
+    """Return ``value`` as float if it is a finite number > 0, else raise ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key} must be a finite number > 0, got {value!r}. Fix: pass {key}=<number > 0>.")
+    return float(value)
+
+
+def require_range(key: str, value: Any, low: float, high: float) -> float:
+    """Return ``value`` as float if ``low <= value <= high``, else raise ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (low <= value <= high):
+        raise ConfigError(f"{key} must be a number in [{low}, {high}], got {value!r}. Fix: pass {key}=<value in [{low}, {high}]>.")
+    return float(value)
+
+
+def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ConfigError listing them."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}.")
+    return value

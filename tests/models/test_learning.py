@@ -1,0 +1,29 @@
+"""A small CapsNet learns the synthetic task well above chance in a bounded number of steps."""
+
+import lightning as L
+import pytest
+import torch
+
+from capsnets.data import SyntheticDataModule
+from capsnets.models import DRCapsModule
+
+
+@pytest.mark.slow
+def test_dr_caps_learns_synthetic_above_chance(tmp_path):
+    L.seed_everything(0, workers=True)
+    dm = SyntheticDataModule(num_train=512, num_val=64, num_test=256, batch_size=32, num_classes=10, seed=0)
+    model = DRCapsModule(
+        net=dict(in_channels=1, image_size=28, num_classes=10, conv1_channels=16, primary_types=4, primary_dim=4,
+                 class_dim=8, decoder_hidden=[32, 64]),
+        loss=dict(m_plus=0.9, m_minus=0.1, down_weight=0.5, recon_weight=0.0005),
+        optimizer=dict(name="adam", lr=3e-3, weight_decay=0.0),
+        scheduler=dict(name="none"),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=48, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    assert acc > 0.6, f"test accuracy {acc:.3f} after 48 steps (chance 0.1)"
+    assert model.samples_seen == 48 * 32
