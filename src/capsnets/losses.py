@@ -37,3 +37,19 @@ def margin_loss(
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Sum of squared pixel errors per image, mean over the batch (unweighted)."""
     return (reconstruction - images).pow(2).flatten(1).sum(dim=-1).mean()
+
+
+def spread_loss(activations: torch.Tensor, target: torch.Tensor, margin: float | torch.Tensor) -> torch.Tensor:
+    """Spread loss (Hinton et al. 2018, Eq. 3): ``L = sum_{i != t} max(0, m - (a_t - a_i))^2``.
+
+    Args:
+        activations: class-capsule activations ``a`` of shape (B, K).
+        target: class indices t, shape (B,).
+        margin: m; grows from 0.2 to 0.9 during training (see ``SpreadMarginSchedule``).
+    Returns:
+        scalar: sum over the wrong classes, mean over the batch.
+    """
+    a_t = activations.gather(1, target[:, None])  # (B, 1)
+    gap = torch.relu(margin - (a_t - activations)).pow(2)  # (B, K); the i = t term is m^2, removed below
+    wrong = 1.0 - torch.nn.functional.one_hot(target, num_classes=activations.shape[-1]).to(activations.dtype)
+    return (gap * wrong).sum(dim=-1).mean()

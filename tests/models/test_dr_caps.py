@@ -100,3 +100,14 @@ def test_hparams_are_plain_values():
     for value in module.hparams.values():
         assert isinstance(value, dict)
         assert all(isinstance(v, (int, float, str, bool, list, type(None))) for v in value.values())
+
+
+def test_multi_crop_batches_average_scores_over_crops():
+    torch.manual_seed(0)
+    module = make_module().eval()
+    x, y = torch.rand(2, 3, 1, 28, 28), torch.tensor([1, 7])  # (B, n_crops, C, H, W)
+    with torch.no_grad():
+        _, scores, _ = module._crops_step((x, y), "test")
+        per_crop = module.net(x.flatten(0, 1)).norm(dim=-1).view(2, 3, 10)
+    assert scores.shape == (2, 10)
+    assert torch.allclose(scores, per_crop.mean(dim=1), atol=1e-6)

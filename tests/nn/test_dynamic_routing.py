@@ -119,3 +119,10 @@ def test_gradients_finite_for_zero_input():
     u = torch.zeros(2, 6, 4, requires_grad=True)
     layer(u).norm(dim=-1).sum().backward()
     assert torch.isfinite(u.grad).all() and torch.isfinite(layer.weight.grad).all()
+
+
+def test_routing_stays_float32_under_autocast():
+    layer = RoutingCapsules(in_caps=6, in_dim=4, out_caps=3, out_dim=5)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        v = layer(torch.randn(2, 6, 4).to(torch.bfloat16))
+    assert v.dtype == torch.float32 and layer.last_couplings.dtype == torch.float32

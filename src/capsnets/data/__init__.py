@@ -8,6 +8,8 @@ Sabour et al. 2017), so any model runs on any of them.
 from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset
 from capsnets.data.idx import read_idx, write_idx
 from capsnets.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from capsnets.data.norb import read_norb, write_norb
+from capsnets.data.smallnorb import SmallNORBDataModule
 from capsnets.data.synthetic import SyntheticDataModule
 from capsnets.data.transforms import random_shift, shift_images
 
@@ -15,10 +17,13 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageClassificationDataModule",
     "MNISTDataModule",
+    "SmallNORBDataModule",
     "SyntheticDataModule",
     "TensorPairDataset",
     "random_shift",
     "read_idx",
+    "read_norb",
     "shift_images",
     "write_idx",
+    "write_norb",
 ]

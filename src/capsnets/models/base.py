@@ -58,9 +58,20 @@ class CapsuleClassifier(LightningModule):
         raise NotImplementedError
 
     # --- steps ----------------------------------------------------------------------
+    def _crops_step(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``shared_step`` that also takes multi-crop batches (smallNORB, Hinton et al. 2018):
+        x of shape (B, n, C, H, W) is scored crop by crop and the class scores are averaged
+        over the n crops of each image."""
+        x, y = batch
+        if x.dim() != 5:
+            return self.shared_step(batch, stage)
+        n_crops = x.shape[1]
+        loss, scores, parts = self.shared_step((x.flatten(0, 1), y.repeat_interleave(n_crops)), stage)
+        return loss, scores.view(x.shape[0], n_crops, -1).mean(dim=1), parts  # scores (B, K)
+
     def _step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y = batch
-        loss, scores, parts = self.shared_step(batch, stage)
+        loss, scores, parts = self._crops_step(batch, stage)
         metric = {"train": self.train_acc, "val": self.val_acc, "test": self.test_acc}[stage]
         metric(scores.detach(), y)
         on_step = stage == "train"
@@ -83,7 +94,7 @@ class CapsuleClassifier(LightningModule):
         return self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        _, scores, _ = self.shared_step(batch, "predict")
+        _, scores, _ = self._crops_step(batch, "predict")
         return scores.argmax(dim=-1)
 
     # --- optimisation ---------------------------------------------------------------

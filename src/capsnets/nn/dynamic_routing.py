@@ -72,8 +72,11 @@ class RoutingCapsules(nn.Module):
         return torch.einsum("ijdk,bik->bijd", self.weight, u)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        u_hat = self.predictions(u)  # (B, N_in, N_out, D_out)
-        v, c = dynamic_routing(u_hat, iterations=self.iterations, detach_inner=self.detach_inner)
+        # Routing runs in float32 even under mixed precision: softmax/squash of many small
+        # agreements lose too much in bf16/fp16.
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            u_hat = self.predictions(u.float())  # (B, N_in, N_out, D_out)
+            v, c = dynamic_routing(u_hat, iterations=self.iterations, detach_inner=self.detach_inner)
         self.last_couplings = c.detach()
         return v
 

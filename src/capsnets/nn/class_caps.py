@@ -1,0 +1,104 @@
+"""Class capsules with EM routing and coordinate addition (Hinton, Sabour & Frosst 2018,
+Sec. 3.1 "Coordinate Addition" and Procedure 1).
+
+Every child capsule, at every position of the input grid, votes for every class capsule with
+one ``W`` per (in type, class) shared across positions. Sharing would throw away *where* a
+child is, so coordinate addition adds the scaled (row, col) of the child's position to its
+vote. The E-step normalises each child's assignments over the classes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from capsnets.nn.em_routing import EMRouting
+from capsnets.nn.matrix_caps import (
+    MATRIX_SIDE, POSE_SIZE, capsule_votes, check_capsules, init_transforms, validate_pose_and_init,
+)
+from capsnets.utils.validation import require_int
+
+# vote elements that receive (row, col): the first two entries of the right-hand column of the
+# 4x4 matrix, i.e. [0, 3] and [1, 3] -> flattened row-major 3 and 7; a vector pose has no
+# columns, so its first two elements receive them.
+COORDINATE_ELEMENTS = {"matrix": (MATRIX_SIDE - 1, 2 * MATRIX_SIDE - 1), "vector": (0, 1)}
+
+
+def coordinate_offsets(height: int, width: int, *, pose: str = "matrix", device: torch.device | None = None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(H*W, 16) offsets: ``(y + 0.5) / H`` and ``(x + 0.5) / W`` at grid position (y, x), zero elsewhere."""
+    row = (torch.arange(height, device=device, dtype=dtype) + 0.5) / height  # (H,) centre of each row, in (0, 1)
+    col = (torch.arange(width, device=device, dtype=dtype) + 0.5) / width  # (W,)
+    offsets = torch.zeros(height, width, POSE_SIZE, device=device, dtype=dtype)
+    row_element, col_element = COORDINATE_ELEMENTS[pose]
+    offsets[:, :, row_element] = row[:, None]
+    offsets[:, :, col_element] = col[None, :]
+    return offsets.view(height * width, POSE_SIZE)
+
+
+class ClassCapsules(nn.Module):
+    """Fully connected (shared-weight) capsules from a (B, H, W, T_in) grid to K classes.
+
+    Parameters: ``in_types * num_classes * 16`` (matrix) or ``* 256`` (vector) for ``W``, plus
+    ``2 * num_classes`` for ``beta_u`` and ``beta_a``.
+
+    Args:
+        in_types: capsule types of the input grid.
+        num_classes: K, one class capsule per class.
+        coordinate_addition: add each child's scaled position to its votes (Sec. 3.1).
+        iterations: EM routing iterations.
+        pose: "matrix" or "vector" (ablation; coordinates go to vote elements 0 and 1).
+        lambda_schedule, lambda_value, lambda_scale: inverse temperature; ``lambda_scale=0.25``
+            because the authors' code divides lambda by 4 at this layer.
+        var_floor: added to every class variance.
+        init_std: std of the initial ``W``; None = 1/sqrt(rows of W).
+
+    After ``forward``, ``last_assignments`` holds the detached final R, (B, H, W, T_in, K).
+    """
+
+    def __init__(
+        self, *, in_types: int, num_classes: int, coordinate_addition: bool = True, iterations: int = 3,
+        pose: str = "matrix", lambda_schedule: str = "official", lambda_value: float = 0.01,
+        lambda_scale: float = 0.25, var_floor: float = 0.0005, init_std: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_types = require_int("ClassCapsules.in_types", in_types)
+        self.num_classes = require_int("ClassCapsules.num_classes", num_classes)
+        validate_pose_and_init("ClassCapsules", pose=pose, init_std=init_std)
+        self.pose = pose
+        self.coordinate_addition = bool(coordinate_addition)
+        self.weight = nn.Parameter(init_transforms(in_types, num_classes, pose=pose, init_std=init_std))  # W_ij per (in type, class)
+        self.routing = EMRouting(
+            out_types=num_classes, iterations=iterations, lambda_schedule=lambda_schedule, lambda_value=lambda_value,
+            lambda_scale=lambda_scale, var_floor=var_floor, layer="ClassCapsules",
+        )
+        self.last_assignments: torch.Tensor | None = None
+
+    def votes(self, pose: torch.Tensor) -> torch.Tensor:
+        """Votes (B, H*W, T_in, K, 16) of poses (B, H, W, T_in, 16), with coordinates if switched on."""
+        b, h, w, t_in, _ = pose.shape
+        M = pose.reshape(b, h * w, 1, t_in, POSE_SIZE)  # every position a patch of one slot: (B, H*W, 1, T_in, 16)
+        W = self.weight.to(pose.dtype).unsqueeze(0)  # (1, T_in, K, s, s)
+        V = capsule_votes(M, W, pose_kind=self.pose).squeeze(2)  # (B, H*W, T_in, K, 16)
+        if self.coordinate_addition:
+            offsets = coordinate_offsets(h, w, pose=self.pose, device=V.device, dtype=V.dtype)  # (H*W, 16)
+            V = V + offsets[None, :, None, None, :]
+        return V
+
+    def forward(self, pose: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Poses (B, H, W, T_in, 16), activations (B, H, W, T_in) -> class poses (B, K, 16), activations (B, K)."""
+        check_capsules(pose, a, types=self.in_types, layer="ClassCapsules")
+        b, h, w, t_in, _ = pose.shape
+        with torch.autocast(device_type=pose.device.type, enabled=False):  # votes and routing in float32
+            dtype = torch.promote_types(torch.promote_types(pose.dtype, self.weight.dtype), torch.float32)
+            V = self.votes(pose.to(dtype)).unsqueeze(1)  # one parent position: (B, 1, H*W, T_in, K, 16)
+            a_in = a.to(dtype).reshape(b, 1, h * w, t_in)  # (B, 1, H*W, T_in)
+            result = self.routing(V, a_in)  # each child is normalised over the K classes
+        self.last_assignments = result.R.detach().view(b, h, w, t_in, self.num_classes)
+        return result.mu.squeeze(1), result.a_out.squeeze(1)  # (B, K, 16), (B, K)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_types={self.in_types}, num_classes={self.num_classes}, "
+            f"coordinate_addition={self.coordinate_addition}, pose={self.pose}"
+        )

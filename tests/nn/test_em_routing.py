@@ -1,0 +1,219 @@
+"""EM routing (Hinton et al. 2018, Procedure 1): the vectorised layers against a slow loop
+implementation over an explicit list of (child, parent, vote) edges, and the routing invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from capsnets.errors import ConfigError
+from capsnets.nn.class_caps import ClassCapsules
+from capsnets.nn.conv_caps import ConvCapsules, conv_child_index
+from capsnets.nn.em_routing import EMRouting, em_routing, inverse_temperatures
+
+Edge = tuple[tuple, tuple, torch.Tensor]  # (child, parent = (position, type), vote (16,))
+
+
+def slow_em(edges: list[Edge], a_child: dict, beta_u: torch.Tensor, beta_a: torch.Tensor,
+            lambdas: list[float], var_floor: float, eps: float = 1e-8) -> tuple[dict, dict, dict]:
+    """Procedure 1 with Python loops over parents and children and densities as plain products."""
+    parents = sorted({p for _, p, _ in edges})
+    children = sorted({c for c, _, _ in edges})
+    into = {p: [e for e, (_, q, _) in enumerate(edges) if q == p] for p in parents}
+    out_of = {c: [e for e, (d, _, _) in enumerate(edges) if d == c] for c in children}
+    R = {e: 1.0 / len(out_of[c]) for c in children for e in out_of[c]}  # uniform over the parents i votes for
+    for t, lam in enumerate(lambdas):
+        mu, var, a = {}, {}, {}
+        for p in parents:  # M-step
+            r = {e: R[e] * a_child[edges[e][0]] for e in into[p]}
+            total = sum(r.values())
+            mu[p] = sum(r[e] * edges[e][2] for e in into[p]) / (total + eps)
+            var[p] = sum(r[e] * (edges[e][2] - mu[p]) ** 2 for e in into[p]) / (total + eps) + var_floor
+            cost = sum((beta_u[p[1]] + torch.log(torch.sqrt(var[p][h]))) * total for h in range(16))
+            a[p] = torch.sigmoid(lam * (beta_a[p[1]] - cost))
+        if t == len(lambdas) - 1:
+            break
+        for c in children:  # E-step
+            weighted = {}
+            for e in out_of[c]:
+                p, v = edges[e][1], edges[e][2]
+                density = 1.0
+                for h in range(16):
+                    density = density * torch.exp(-((v[h] - mu[p][h]) ** 2) / (2 * var[p][h])) / torch.sqrt(2 * math.pi * var[p][h])
+                weighted[e] = a[p] * density
+            norm = sum(weighted.values())
+            for e in out_of[c]:
+                R[e] = weighted[e] / norm
+    return mu, a, R
+
+
+def randomise_betas(layer: torch.nn.Module) -> None:
+    with torch.no_grad():
+        layer.routing.beta_u.normal_(0.0, 0.5)
+        layer.routing.beta_a.normal_(0.0, 0.5)
+
+
+@pytest.mark.parametrize("size,stride", [(4, 1), (5, 2), (6, 2)])
+@pytest.mark.parametrize("schedule,iterations", [("official", 3), ("fixed", 2)])
+def test_conv_layer_equals_slow_loop(size, stride, schedule, iterations):
+    torch.manual_seed(size * 10 + stride + iterations)
+    t_in, t_out, k = 2, 2, 3
+    layer = ConvCapsules(in_types=t_in, out_types=t_out, kernel_size=k, stride=stride, iterations=iterations,
+                         lambda_schedule=schedule, lambda_value=0.05).double()
+    randomise_betas(layer)
+    pose = torch.randn(1, size, size, t_in, 16, dtype=torch.float64)
+    a = torch.rand(1, size, size, t_in, dtype=torch.float64)
+    mu, a_out = layer(pose, a)
+    n_out = layer.output_size(size)
+    edges = []
+    for oy in range(n_out):
+        for ox in range(n_out):
+            for ky in range(k):
+                for kx in range(k):
+                    y, x = oy * stride + ky, ox * stride + kx
+                    for i in range(t_in):
+                        for j in range(t_out):
+                            M, W = pose[0, y, x, i].view(4, 4), layer.weight[ky * k + kx, i, j]
+                            edges.append((((y, x), i), ((oy, ox), j), (M @ W).flatten().detach()))
+    a_child = {((y, x), i): a[0, y, x, i] for y in range(size) for x in range(size) for i in range(t_in)}
+    mu_ref, a_ref, R_ref = slow_em(edges, a_child, layer.routing.beta_u.detach(), layer.routing.beta_a.detach(),
+                                   layer.routing.lambdas, layer.routing.var_floor)
+    for (oy, ox), j in mu_ref:
+        assert torch.allclose(mu[0, oy, ox, j], mu_ref[(oy, ox), j], atol=1e-10)
+        assert torch.allclose(a_out[0, oy, ox, j], a_ref[(oy, ox), j], atol=1e-12)
+    R = layer.last_assignments
+    for e, (((y, x), i), ((oy, ox), j), _) in enumerate(edges):
+        ky, kx = y - oy * stride, x - ox * stride
+        assert torch.allclose(R[0, oy, ox, ky * k + kx, i, j], torch.as_tensor(R_ref[e], dtype=R.dtype), atol=1e-10)
+
+
+@pytest.mark.parametrize("coordinate_addition", [True, False])
+@pytest.mark.parametrize("pose_kind", ["matrix", "vector"])
+def test_class_layer_equals_slow_loop(coordinate_addition, pose_kind):
+    torch.manual_seed(7)
+    h, w, t_in, n_cls = 3, 2, 2, 3
+    layer = ClassCapsules(in_types=t_in, num_classes=n_cls, coordinate_addition=coordinate_addition, pose=pose_kind,
+                          lambda_schedule="fixed", lambda_value=0.2).double()
+    randomise_betas(layer)
+    pose = torch.randn(2, h, w, t_in, 16, dtype=torch.float64)
+    a = torch.rand(2, h, w, t_in, dtype=torch.float64)
+    mu, a_out = layer(pose, a)
+    for b in range(2):
+        edges = []
+        for y in range(h):
+            for x in range(w):
+                for i in range(t_in):
+                    for j in range(n_cls):
+                        if pose_kind == "matrix":
+                            vote = (pose[b, y, x, i].view(4, 4) @ layer.weight[i, j]).detach()
+                            if coordinate_addition:
+                                vote[0, 3] += (y + 0.5) / h
+                                vote[1, 3] += (x + 0.5) / w
+                        else:
+                            vote = (pose[b, y, x, i] @ layer.weight[i, j]).detach()
+                            if coordinate_addition:
+                                vote[0] += (y + 0.5) / h
+                                vote[1] += (x + 0.5) / w
+                        edges.append((((y, x), i), (0, j), vote.flatten()))
+        a_child = {((y, x), i): a[b, y, x, i] for y in range(h) for x in range(w) for i in range(t_in)}
+        mu_ref, a_ref, R_ref = slow_em(edges, a_child, layer.routing.beta_u.detach(), layer.routing.beta_a.detach(),
+                                       layer.routing.lambdas, layer.routing.var_floor)
+        for j in range(n_cls):
+            assert torch.allclose(mu[b, j], mu_ref[0, j], atol=1e-10)
+            assert torch.allclose(a_out[b, j], a_ref[0, j], atol=1e-12)
+        for e, (((y, x), i), (_, j), _) in enumerate(edges):
+            assert torch.allclose(layer.last_assignments[b, y, x, i, j], torch.as_tensor(R_ref[e], dtype=torch.float64), atol=1e-10)
+
+
+def covering_sums(R: torch.Tensor, height: int, width: int, *, kernel_size: int, stride: int) -> torch.Tensor:
+    """Sum each child's assignments over every parent that covers it, by explicit loops: (B, H, W, T_in)."""
+    b, h_out, w_out, _, t_in, _ = R.shape
+    sums = torch.zeros(b, height, width, t_in, dtype=R.dtype)
+    for oy in range(h_out):
+        for ox in range(w_out):
+            for ky in range(kernel_size):
+                for kx in range(kernel_size):
+                    sums[:, oy * stride + ky, ox * stride + kx] += R[:, oy, ox, ky * kernel_size + kx].sum(-1)
+    return sums
+
+
+@pytest.mark.parametrize("size,stride", [(6, 1), (7, 2), (6, 2)])
+def test_conv_assignments_sum_to_one_over_covering_parents_not_per_patch(size, stride):
+    torch.manual_seed(stride)
+    layer = ConvCapsules(in_types=3, out_types=4, kernel_size=3, stride=stride, lambda_schedule="fixed", lambda_value=0.1)
+    randomise_betas(layer)
+    mu, a_out = layer(torch.randn(2, size, size, 3, 16), torch.rand(2, size, size, 3))
+    R = layer.last_assignments  # (B, H_out, W_out, 9, T_in, T_out)
+    sums = covering_sums(R, size, size, kernel_size=3, stride=stride)
+    covered = torch.bincount(conv_child_index(size, size, kernel_size=3, stride=stride), minlength=size * size).view(size, size) > 0
+    assert torch.allclose(sums[:, covered], torch.ones_like(sums[:, covered]), atol=1e-5)
+    assert (sums[:, ~covered] == 0).all()  # e.g. the last row and column for (6, 2): no assignments, no NaN
+    assert (size, stride) != (6, 2) or (~covered).any()
+    # a per-patch normalisation would make every patch slot sum to 1 over the out types: it does not
+    per_patch = R.sum(-1)  # (B, H_out, W_out, 9, T_in)
+    assert not torch.allclose(per_patch, torch.ones_like(per_patch), atol=1e-2)
+    assert (0 < a_out).all() and (a_out < 1).all() and torch.isfinite(mu).all()
+
+
+def test_initial_assignments_uniform_over_covering_parents():
+    layer = ConvCapsules(in_types=2, out_types=3, kernel_size=3, stride=1, iterations=1)
+    layer(torch.randn(1, 5, 5, 2, 16), torch.rand(1, 5, 5, 2))
+    R = layer.last_assignments  # one iteration: R is still the initial one
+    # the centre child (2, 2) is covered by all 9 patches, the corner (0, 0) by one
+    assert torch.allclose(R[0, 1, 1, 4], torch.full((2, 3), 1 / 27))
+    assert torch.allclose(R[0, 0, 0, 0], torch.full((2, 3), 1 / 3))
+
+
+def test_em_routing_invariants_on_random_votes():
+    torch.manual_seed(3)
+    V, a_in = torch.randn(4, 1, 10, 3, 5, 16) * 3, torch.rand(4, 1, 10, 3)
+    result = em_routing(V, a_in, beta_u=torch.randn(5), beta_a=torch.randn(5), lambdas=[0.01] * 3, var_floor=0.01)
+    assert torch.allclose(result.R.sum(-1), torch.ones(4, 1, 10, 3), atol=1e-6)
+    assert (result.a_out > 0).all() and (result.a_out < 1).all()
+    assert (result.sigma_sq >= 0.01).all()
+    assert result.mu.shape == (4, 1, 5, 16) and result.a_out.shape == (4, 1, 5)
+
+
+def test_golden_one_parent_two_children():
+    # one parent, children votes 1 and 3 (every h), a = 1: mu = 2, sigma^2 = 1 + floor,
+    # cost = 16 * (beta_u + 0.5 log(1 + floor)) * 2, a_out = sigmoid(lambda (beta_a - cost))
+    V = torch.tensor([1.0, 3.0], dtype=torch.float64).view(1, 1, 2, 1, 1, 1).expand(1, 1, 2, 1, 1, 16)
+    res = em_routing(V, torch.ones(1, 1, 2, 1, dtype=torch.float64), beta_u=torch.tensor([0.1], dtype=torch.float64), beta_a=torch.tensor([2.0]),
+                     lambdas=[0.5], var_floor=0.0005, eps=0.0)
+    cost = 16 * (0.1 + 0.5 * math.log(1.0005)) * 2
+    assert torch.allclose(res.mu, torch.full((1, 1, 1, 16), 2.0, dtype=torch.float64))
+    assert torch.allclose(res.sigma_sq, torch.full((1, 1, 1, 16), 1.0005, dtype=torch.float64))
+    assert math.isclose(res.a_out.item(), 1 / (1 + math.exp(-0.5 * (2.0 - cost))), rel_tol=1e-12)
+
+
+def test_lambda_schedule_golden_values():
+    assert inverse_temperatures(3) == pytest.approx([0.0005, 0.000975, 0.00142625], rel=1e-12)
+    assert inverse_temperatures(3, scale=0.25) == pytest.approx([0.000125, 0.00024375, 0.0003565625], rel=1e-12)
+    assert inverse_temperatures(2, schedule="fixed", value=0.3, scale=0.25) == pytest.approx([0.075, 0.075])
+    assert ClassCapsules(in_types=2, num_classes=3).routing.lambdas == pytest.approx([0.000125, 0.00024375, 0.0003565625])
+    assert ConvCapsules(in_types=2, out_types=3, kernel_size=3, stride=1, iterations=2).routing.lambdas == pytest.approx([0.0005, 0.000975])
+    fixed = ConvCapsules(in_types=2, out_types=3, kernel_size=3, stride=1, lambda_schedule="fixed", lambda_value=0.02)
+    assert fixed.routing.lambdas == pytest.approx([0.02] * 3)
+
+
+def test_routing_runs_in_float32_under_autocast():
+    layer = ClassCapsules(in_types=2, num_classes=3)
+    pose, a = torch.randn(2, 3, 3, 2, 16).bfloat16(), torch.rand(2, 3, 3, 2).bfloat16()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        mu, a_out = layer(pose, a)
+    assert mu.dtype == torch.float32 and a_out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    ({"iterations": 0}, "iterations"), ({"lambda_schedule": "linear"}, "lambda_schedule"),
+    ({"var_floor": 0.0}, "var_floor"), ({"lambda_scale": -1.0}, "lambda_scale"), ({"pose": "quaternion"}, "pose"),
+])
+def test_bad_config_raises_naming_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        ConvCapsules(in_types=2, out_types=2, kernel_size=3, stride=1, **kwargs)
+
+
+def test_routing_module_parameters():
+    assert sum(p.numel() for p in EMRouting(out_types=7).parameters()) == 14
