@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from capsnets.data import write_norb
+from capsnets.data.idx import write_idx
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,3 +32,47 @@ def run_cli(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 600) 
         [sys.executable, str(ROOT / script), *overrides],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+# --- tiny data files in the real formats ------------------------------------------
+
+def write_tiny_mnist(root: Path, n_train: int = 96, n_test: int = 32, gz: bool = True) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    suffix = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        images[torch.arange(n), 4 + labels * 2, 4:24] = 255  # a class-dependent bar
+        write_idx(raw / f"{split}-images-idx3-ubyte{suffix}", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte{suffix}", labels.to(torch.uint8))
+
+
+# smallNORB (Hinton et al. 2018 protocol): a tiny fake in the real NORB binary-matrix format
+N = 54  # examples per part: every azimuth 3x, every elevation 6x
+INSTANCES = {"training": (4, 6, 7, 8, 9), "testing": (0, 1, 2, 3, 5)}
+PREFIX = {
+    "training": "smallnorb-5x46789x9x18x6x2x96x96-training",
+    "testing": "smallnorb-5x01235x9x18x6x2x96x96-testing",
+}
+
+
+def fake_part(part: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random stereo images (N, 2, 96, 96) uint8, labels (N,) int32, info (N, 4) int32 spanning all viewpoints."""
+    i = torch.arange(N)
+    instance = torch.tensor(INSTANCES[part])[i % 5]
+    info = torch.stack([instance, (i // 6) % 9, 2 * (i % 18), i % 6], dim=1).int()  # (N, 4)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (N, 2, 96, 96), generator=g, dtype=torch.uint8)
+    return images, (i % 5).int(), info
+
+
+def write_fake_smallnorb(data_dir: Path, *, gz: bool = True, seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+    folder = data_dir / "smallnorb"
+    parts = {}
+    for k, part in enumerate(("training", "testing")):
+        parts[part] = fake_part(part, seed + k)
+        for kind, tensor in zip(("dat", "cat", "info"), parts[part]):
+            write_norb(folder / f"{PREFIX[part]}-{kind}.mat{'.gz' if gz else ''}", tensor)
+    return parts

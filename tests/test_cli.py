@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsnets.data.idx import write_idx
-
-from helpers import SMALL_DR_CAPS
+from helpers import SMALL_DR_CAPS, write_tiny_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -62,19 +60,6 @@ def test_train_eval_resume_on_synthetic(cli, tmp_path):
     assert ckpt2["global_step"] == 2 * steps_epoch1
     assert ckpt2["capsnets"]["samples_seen"] == 256
     assert ckpt2["epoch"] == 1
-
-
-def write_tiny_mnist(root: Path, n_train: int = 96, n_test: int = 32, gz: bool = True) -> None:
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    suffix = ".gz" if gz else ""
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = torch.arange(n) % 10
-        images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
-        images[torch.arange(n), 4 + labels * 2, 4:24] = 255  # a class-dependent bar
-        write_idx(raw / f"{split}-images-idx3-ubyte{suffix}", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte{suffix}", labels.to(torch.uint8))
 
 
 def test_train_on_tiny_idx_files(cli, tmp_path):

@@ -75,7 +75,9 @@ def _print_summary(cfg: DictConfig, trainer: Any, metrics: dict[str, float]) -> 
         lines.append(f"{type(logger).__name__}: {logger.log_dir}")
     for cb in trainer.checkpoint_callbacks:
         if getattr(cb, "best_model_path", ""):
-            lines.append(f"Best checkpoint ({cb.monitor}={float(cb.best_model_score):.4f}): {cb.best_model_path}")
+            # (ddp_spawn hands back the path but not the score to the launching process)
+            score = f"={float(cb.best_model_score):.4f}" if cb.best_model_score is not None else ""
+            lines.append(f"Best checkpoint ({cb.monitor}{score}): {cb.best_model_path}")
         if getattr(cb, "last_model_path", ""):
             lines.append(f"Last checkpoint: {cb.last_model_path}")
     shown = {k: v for k, v in metrics.items() if k.endswith("/acc") or k.endswith("/loss")}

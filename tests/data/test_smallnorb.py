@@ -23,33 +23,7 @@ from capsnets.data.smallnorb import SMALLNORB_FILES, SMALLNORB_URL, multi_crop_o
 from capsnets.errors import ConfigError, DataError
 from capsnets.utils.resolvers import CONFIG_DIR
 
-N = 54  # examples per part: every azimuth 3x, every elevation 6x
-INSTANCES = {"training": (4, 6, 7, 8, 9), "testing": (0, 1, 2, 3, 5)}
-PREFIX = {
-    "training": "smallnorb-5x46789x9x18x6x2x96x96-training",
-    "testing": "smallnorb-5x01235x9x18x6x2x96x96-testing",
-}
-
-
-def fake_part(part: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random stereo images (N, 2, 96, 96) uint8, labels (N,) int32, info (N, 4) int32 spanning all viewpoints."""
-    i = torch.arange(N)
-    instance = torch.tensor(INSTANCES[part])[i % 5]
-    info = torch.stack([instance, (i // 6) % 9, 2 * (i % 18), i % 6], dim=1).int()  # (N, 4)
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (N, 2, 96, 96), generator=g, dtype=torch.uint8)
-    return images, (i % 5).int(), info
-
-
-def write_fake_smallnorb(data_dir: Path, *, gz: bool = True, seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
-    folder = data_dir / "smallnorb"
-    parts = {}
-    for k, part in enumerate(("training", "testing")):
-        parts[part] = fake_part(part, seed + k)
-        for kind, tensor in zip(("dat", "cat", "info"), parts[part]):
-            write_norb(folder / f"{PREFIX[part]}-{kind}.mat{'.gz' if gz else ''}", tensor)
-    return parts
-
+from helpers import INSTANCES, N, PREFIX, fake_part, write_fake_smallnorb
 
 @pytest.fixture(scope="module")
 def norb_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tuple[torch.Tensor, ...]]]:

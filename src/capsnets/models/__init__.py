@@ -2,5 +2,6 @@
 
 from capsnets.models.base import CapsuleClassifier
 from capsnets.models.dr_caps import CapsNet, DRCapsModule
+from capsnets.models.em_caps import EMCapsModule, EMCapsNet
 
-__all__ = ["CapsNet", "CapsuleClassifier", "DRCapsModule"]
+__all__ = ["CapsNet", "CapsuleClassifier", "DRCapsModule", "EMCapsModule", "EMCapsNet"]

@@ -94,7 +94,7 @@ class ClassCapsules(nn.Module):
             V = self.votes(pose.to(dtype)).unsqueeze(1)  # one parent position: (B, 1, H*W, T_in, K, 16)
             a_in = a.to(dtype).reshape(b, 1, h * w, t_in)  # (B, 1, H*W, T_in)
             result = self.routing(V, a_in)  # each child is normalised over the K classes
-        self.last_assignments = result.R.detach().view(b, h, w, t_in, self.num_classes)
+        self.last_assignments = result.R.detach().reshape(b, h, w, t_in, self.num_classes)
         return result.mu.squeeze(1), result.a_out.squeeze(1)  # (B, K, 16), (B, K)
 
     def extra_repr(self) -> str:

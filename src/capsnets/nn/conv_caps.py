@@ -91,9 +91,10 @@ class ConvCapsules(nn.Module):
             M = pose.to(dtype).reshape(b, h * w, t_in, POSE_SIZE).index_select(1, child_index)
             M = M.view(b, h_out * w_out, kk, t_in, POSE_SIZE)
             a_in = a.to(dtype).reshape(b, h * w, t_in).index_select(1, child_index).view(b, h_out * w_out, kk, t_in)
-            V = capsule_votes(M, self.weight.to(dtype), pose_kind=self.pose)  # (B, P, K*K, T_in, T_out, 16)
+            # (B, P, K*K, T_in, T_out, 16) or, for matrices, (..., 4, 4): routing reads the votes in any layout
+            V = capsule_votes(M, self.weight.to(dtype), pose_kind=self.pose, flatten=False)
             result = self.routing(V, a_in, child_index=child_index, num_children=h * w)
-        self.last_assignments = result.R.detach().view(b, h_out, w_out, kk, t_in, self.out_types)
+        self.last_assignments = result.R.detach().reshape(b, h_out, w_out, kk, t_in, self.out_types)
         mu = result.mu.view(b, h_out, w_out, self.out_types, POSE_SIZE)  # (B, P, T_out, 16) -> (B, H_out, W_out, T_out, 16)
         return mu, result.a_out.view(b, h_out, w_out, self.out_types)
 

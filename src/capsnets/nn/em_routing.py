@@ -1,12 +1,17 @@
 """EM routing (Hinton, Sabour & Frosst 2018, "Matrix capsules with EM routing", Procedure 1).
 
-Every tensor is laid out by *patch*: P parent positions, each seeing K child slots (the kernel
+Votes come in laid out by *patch*: P parent positions, each seeing K child slots (the kernel
 offsets of a conv-capsule layer, or every input position for the class layer), T_in child
 types and T_out parent types; D = 16 pose elements h.
 
-    V     (B, P, K, T_in, T_out, D)   votes V_ij of child i (slot k, type) for parent j (position p, type)
-    a_in  (B, P, K, T_in)             activation a_i of the child in each slot
-    R     (B, P, K, T_in, T_out)      assignment R_ij of child i to parent j
+    V     (B, P, K, T_in, T_out, *pose)  votes V_ij, any strides; pose (16,) or (4, 4), D = 16
+    a_in  (B, P, K, T_in)                activation a_i of the child in each slot
+
+Internally every parent j = (b, p, o) owns a contiguous block of its N = K * T_in votes:
+G = B * P * T_out parents, R (B, P, T_out, K, T_in). The routing is memory-bound on the
+vote-sized tensors, so they are touched as few times as possible (see ``CentredVotes``): the
+votes are centred once, V' = V - c, and every M-step and E-step is one contraction over
+[V', V'^2] with a small operand; nothing vote-sized is written per iteration.
 
 A child can sit in several patches (overlapping conv kernels). ``child_index`` (P*K,) names
 the input position of each (p, k) slot; the E-step then normalises each child's assignments
@@ -24,6 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from capsnets.utils.validation import require_choice, require_int, require_positive
 
@@ -38,7 +44,7 @@ class EMRoutingResult(NamedTuple):
     mu: torch.Tensor  # (B, P, T_out, D) parent poses
     sigma_sq: torch.Tensor  # (B, P, T_out, D) parent variances, >= var_floor
     a_out: torch.Tensor  # (B, P, T_out) parent activations in (0, 1)
-    R: torch.Tensor  # (B, P, K, T_in, T_out)
+    R: torch.Tensor  # (B, P, K, T_in, T_out), a permuted view
 
 
 def inverse_temperatures(iterations: int, *, schedule: str = "official", value: float = 0.01, scale: float = 1.0) -> list[float]:
@@ -52,69 +58,158 @@ def inverse_temperatures(iterations: int, *, schedule: str = "official", value: 
     return [scale * value] * iterations
 
 
-def initial_assignments(V: torch.Tensor, child_index: torch.Tensor | None, num_children: int | None) -> torch.Tensor:
-    """Procedure 1, line 2: R_ij uniform over the parents child i votes for, (B, P, K, T_in, T_out)."""
-    b, p, k, t_in, t_out = V.shape[:5]
+class CentredVotes(torch.autograd.Function):
+    """``X = [V' | V'^2]`` (G, N, 2D) with ``V' = V - c``, written once per forward.
+
+    ``c`` (B, P, T_out, D) is the plain mean of each parent's votes, a constant (no gradient):
+    mu and sigma_sq are rebuilt from E[V'] and E[V'^2] exactly for any c (see ``m_step``); c
+    only keeps the cancellation in ``E[V'^2] - E[V']^2`` small. Every later use of X is a
+    contraction with a small operand (``ChildSum``, ``PoseSum``), whose gradient with respect
+    to X is an outer product ``left (G, N) x right (G, 2D)``. Each use hands its two factors
+    back through its own ``token`` output, and the backward here sums them in one bmm: one
+    vote-sized gradient in all, instead of one per use plus an accumulation each.
+    """
+
+    @staticmethod
+    def forward(ctx, V: torch.Tensor, uses: int):  # type: ignore[override]
+        b, p, k, t_in, t_out, *pose = V.shape
+        ctx.set_materialize_grads(False)  # X and c get no gradient: never allocate zeros for them
+        V_par = V.permute(0, 1, 4, 2, 3, *range(5, V.dim()))  # (B, P, T_out, K, T_in, *pose), a view
+        c = V_par.mean(dim=(3, 4), keepdim=True)  # (B, P, T_out, 1, 1, *pose)
+        X = V.new_empty(b, p, t_out, k, t_in, 2, *pose)  # [V' | V'^2] of each vote side by side
+        torch.sub(V_par, c, out=X[:, :, :, :, :, 0])  # one pass: centres and lays out each parent's votes contiguously
+        torch.mul(X[:, :, :, :, :, 0], X[:, :, :, :, :, 0], out=X[:, :, :, :, :, 1])
+        X = X.view(b * p * t_out, k * t_in, -1)  # (G, N, 2D)
+        ctx.save_for_backward(X)
+        ctx.layout = torch.empty_like(V, device="meta")  # V's shape and strides, without keeping V alive
+        ctx.mark_non_differentiable(X)
+        # one distinct (G, N + 2D) token per use (a shared one would sum the factors before the product)
+        tokens = [V.new_zeros(()).expand(X.shape[0], X.shape[1] + X.shape[2]) for _ in range(uses)]
+        return (X, c.reshape(b, p, t_out, -1), *tokens)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _dX, _dc, *token_grads):  # type: ignore[override]
+        grads = [g for g in token_grads if g is not None]
+        if not grads:
+            return None, None
+        (X,) = ctx.saved_tensors
+        n = X.shape[1]
+        factors = torch.stack(grads, dim=1)  # (G, uses, N + 2D): [left | right]
+        dX = torch.bmm(factors[..., :n].transpose(1, 2), factors[..., n:])  # (G, N, 2D)
+        layout = ctx.layout
+        b, p, k, t_in, t_out, *pose = layout.shape
+        # V's own strides, so that the backward of the vote einsum needs no copy
+        dV = torch.empty_strided(layout.shape, layout.stride(), dtype=X.dtype, device=X.device)
+        dV_par = dV.permute(0, 1, 4, 2, 3, *range(5, dV.dim()))  # (B, P, T_out, K, T_in, *pose)
+        dX, V_c = (x.view(b, p, t_out, k, t_in, 2, *pose) for x in (dX, X))
+        # dL/dV = dL/dV' + 2 V' dL/dV'^2 (c is a constant)
+        torch.addcmul(dX[:, :, :, :, :, 0], V_c[:, :, :, :, :, 0], dX[:, :, :, :, :, 1], value=2.0, out=dV_par)
+        return dV, None
+
+
+class ChildSum(torch.autograd.Function):
+    """M-step contraction ``S[g] = sum_n w[g, n] X[g, n]``: (G, N) -> (G, 2D)."""
+
+    @staticmethod
+    def forward(ctx, X: torch.Tensor, token: torch.Tensor, w: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(X, w)
+        return torch.bmm(w.unsqueeze(1), X).squeeze(1)  # (G, 1, N) @ (G, N, 2D) -> (G, 2D)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dS):  # type: ignore[override]
+        X, w = ctx.saved_tensors
+        # (G, 1, 2D) @ (G, 2D, N): reads X faster than (G, N, 2D) @ (G, 2D, 1)
+        dw = torch.bmm(dS.unsqueeze(1), X.transpose(1, 2)).squeeze(1) if ctx.needs_input_grad[2] else None  # (G, N)
+        return None, torch.cat([w, dS], dim=1), dw
+
+
+class PoseSum(torch.autograd.Function):
+    """E-step contraction ``q[g, n] = sum_h X[g, n, h] f[g, h]`` over the 2D elements: (G, 2D) -> (G, N)."""
+
+    @staticmethod
+    def forward(ctx, X: torch.Tensor, token: torch.Tensor, f: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(X, f)
+        return torch.bmm(f.unsqueeze(1), X.transpose(1, 2)).squeeze(1)  # (G, 1, 2D) @ (G, 2D, N) -> (G, N)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dq):  # type: ignore[override]
+        X, f = ctx.saved_tensors
+        df = torch.bmm(dq.unsqueeze(1), X).squeeze(1) if ctx.needs_input_grad[2] else None  # (G, 2D)
+        return None, torch.cat([dq, f], dim=1), df
+
+
+def initial_assignments(shape: torch.Size, child_index: torch.Tensor | None, num_children: int | None,
+                        like: torch.Tensor) -> torch.Tensor:
+    """Procedure 1, line 2: R_ij uniform over the parents child i votes for, (B, P, T_out, K, T_in)."""
+    b, p, t_out, k, t_in = shape
     if child_index is None:
-        return V.new_full((b, p, k, t_in, t_out), 1.0 / t_out)
+        return like.new_full((1, 1, 1, 1, 1), 1.0 / t_out).expand(shape)
     covering = torch.bincount(child_index, minlength=num_children or 0)  # (N_children,) patches per child
-    per_slot = covering.index_select(0, child_index).view(1, p, k, 1, 1).to(V.dtype)  # (1, P, K, 1, 1)
-    return (1.0 / (per_slot * t_out)).expand(b, p, k, t_in, t_out)
+    per_slot = covering.index_select(0, child_index).view(1, p, 1, k, 1).to(like.dtype)  # (1, P, 1, K, 1)
+    return (1.0 / (per_slot * t_out)).expand(shape)
 
 
 def m_step(
-    R: torch.Tensor, a_in: torch.Tensor, V: torch.Tensor, *, beta_u: torch.Tensor, beta_a: torch.Tensor,
-    lambda_: float, var_floor: float, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Procedure 1, M-step for every parent j.
+    R: torch.Tensor, a_in: torch.Tensor, X: torch.Tensor, c: torch.Tensor, token: torch.Tensor, *,
+    beta_u: torch.Tensor, beta_a: torch.Tensor, lambda_: float, var_floor: float, eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """Procedure 1, M-step for every parent j, from the centred votes X = [V' | V'^2].
 
-    Returns mu, sigma_sq (B, P, T_out, D); a_out and log a_out (B, P, T_out); and the squared
-    deviations ``(V_ij - mu_j)^2`` (B, P, K, T_in, T_out, D), which the E-step reuses (same mu),
-    so that autograd keeps one copy instead of two.
+    Returns mu, sigma_sq and ``mu - c`` (B, P, T_out, D); a_out and log a_out (B, P, T_out).
     """
-    R = R * a_in[..., None]  # R_ij <- R_ij * a_i, (B, P, K, T_in, T_out)
-    sum_R = R.sum(dim=(2, 3))  # sum_i R_ij, (B, P, T_out)
-    R_norm = R / (sum_R[:, :, None, None, :] + eps)  # R_ij / sum_i R_ij; eps keeps empty parents finite
-    mu = torch.einsum("bpkio,bpkiod->bpod", R_norm, V)  # mu_j^h
-    # explicit (V - mu)^2, not E[V^2] - mu^2: the latter cancels catastrophically for large poses
-    diff_sq = (V - mu[:, :, None, None]) ** 2  # (B, P, K, T_in, T_out, D)
-    sigma_sq = torch.einsum("bpkio,bpkiod->bpod", R_norm, diff_sq) + var_floor
+    b, p, t_out = R.shape[:3]
+    R = R * a_in  # R_ij <- R_ij * a_i, (B, P, T_out, K, T_in)
+    sum_R = R.sum(dim=(3, 4))  # sum_i R_ij, (B, P, T_out)
+    R_norm = R / (sum_R[..., None, None] + eps)  # eps keeps empty parents finite
+    mass = (sum_R / (sum_R + eps))[..., None]  # sum_i R_norm_ij: 1, or 0 for an empty parent, (B, P, T_out, 1)
+    E_c, E_sq = ChildSum.apply(X, token, R_norm.reshape(b * p * t_out, -1)).view(b, p, t_out, 2, -1).unbind(3)
+    # exact for any constant c: mu = sum_i R_norm V = mass c + E[V'], and
+    # sigma_sq = sum_i R_norm (V' - (mu - c))^2 = E[V'^2] - 2 (mu - c) E[V'] + mass (mu - c)^2
+    mu_c = E_c - (1 - mass) * c  # mu_j - c_j
+    sigma_sq = (E_sq - 2 * mu_c * E_c + mass * mu_c**2).clamp_min(0) + var_floor
     cost = (beta_u[:, None] + 0.5 * torch.log(sigma_sq)) * sum_R[..., None]  # (beta_u + log sigma_j^h) sum_i R_ij
     logits = lambda_ * (beta_a - cost.sum(dim=-1))  # lambda (beta_a - sum_h cost^h), (B, P, T_out)
     # log a_j via logsigmoid stays finite when a_j underflows to 0 (needed by the E-step)
-    return mu, sigma_sq, torch.sigmoid(logits), F.logsigmoid(logits), diff_sq
+    return c + mu_c, sigma_sq, mu_c, torch.sigmoid(logits), F.logsigmoid(logits)
 
 
 def normalise_over_parents(logits: torch.Tensor, child_index: torch.Tensor | None, num_children: int | None) -> torch.Tensor:
-    """softmax of ``logits`` (B, P, K, T_in, T_out) over all parents of each child (log-sum-exp)."""
+    """softmax of ``logits`` (B, P, T_out, K, T_in) over all parents of each child (log-sum-exp)."""
     if child_index is None:
-        return torch.softmax(logits, dim=-1)
-    b, p, k, t_in, _ = logits.shape
+        return torch.softmax(logits, dim=2)
+    b, p, _, k, t_in = logits.shape
     index = child_index.view(1, p * k, 1).expand(b, p * k, t_in)  # (B, P*K, T_in) -> input position
     # max over every covering parent; detached, as the shift does not change the softmax
-    slot_max = logits.detach().amax(dim=-1).view(b, p * k, t_in)  # (B, P*K, T_in)
+    slot_max = logits.detach().amax(dim=2).view(b, p * k, t_in)  # (B, P*K, T_in)
     child_max = slot_max.new_full((b, num_children, t_in), -math.inf)
     child_max = child_max.scatter_reduce(1, index, slot_max, reduce="amax")  # (B, N_children, T_in)
-    shift = child_max.index_select(1, child_index).view(b, p, k, t_in, 1)  # back to slots
-    e = torch.exp(logits - shift)  # (B, P, K, T_in, T_out), the largest term per child is 1
-    child_sum = e.new_zeros(b, num_children, t_in).index_add(1, child_index, e.sum(dim=-1).view(b, p * k, t_in))
+    shift = child_max.index_select(1, child_index).view(b, p, 1, k, t_in)  # back to slots
+    e = torch.exp(logits - shift)  # (B, P, T_out, K, T_in), the largest term per child is 1
+    child_sum = e.new_zeros(b, num_children, t_in).index_add(1, child_index, e.sum(dim=2).view(b, p * k, t_in))
     # children covered by no parent never appear in child_index, so no 0/0 is read back
-    return e / child_sum.index_select(1, child_index).view(b, p, k, t_in, 1)
+    return e / child_sum.index_select(1, child_index).view(b, p, 1, k, t_in)
 
 
 def e_step(
-    diff_sq: torch.Tensor, sigma_sq: torch.Tensor, log_a_out: torch.Tensor,
-    child_index: torch.Tensor | None, num_children: int | None,
+    X: torch.Tensor, token: torch.Tensor, mu_c: torch.Tensor, sigma_sq: torch.Tensor, log_a_out: torch.Tensor,
+    child_index: torch.Tensor | None, num_children: int | None, k: int,
 ) -> torch.Tensor:
     """Procedure 1, E-step for every child i: ``R_ij = a_j p_ij / sum_k a_k p_ik`` in the log domain.
 
-    ``diff_sq`` is ``(V_ij - mu_j)^2`` (B, P, K, T_in, T_out, D) from the M-step just before.
+    ``sum_h (V - mu)^2 / sigma^2 = sum_h (V'^2 - 2 V' (mu - c)) / sigma^2 + sum_h (mu - c)^2 / sigma^2``:
+    one contraction of X, no vote-sized difference. Returns R (B, P, T_out, K, T_in).
     """
-    # log p_ij = sum_h log N(V_ij^h; mu_j^h, sigma_j^h)
-    mahalanobis = (diff_sq / sigma_sq[:, :, None, None]).sum(dim=-1)  # (B, P, K, T_in, T_out)
-    log_norm = torch.log(2 * math.pi * sigma_sq).sum(dim=-1)[:, :, None, None]  # per parent, (B, P, 1, 1, T_out)
-    log_p = -0.5 * (mahalanobis + log_norm)
-    return normalise_over_parents(log_a_out[:, :, None, None, :] + log_p, child_index, num_children)
+    b, p, t_out, _ = mu_c.shape
+    inv_var = 1.0 / sigma_sq  # (B, P, T_out, D)
+    f = torch.cat([-2.0 * mu_c * inv_var, inv_var], dim=-1).view(b * p * t_out, -1)  # (G, 2D), matches [V' | V'^2]
+    mahalanobis = PoseSum.apply(X, token, f).view(b, p, t_out, k, -1)  # minus the per-parent constant
+    # log p_ij = sum_h log N(V_ij^h; mu_j^h, sigma_j^h); the parent's terms broadcast over its children
+    per_parent = (mu_c**2 * inv_var + torch.log(2 * math.pi * sigma_sq)).sum(dim=-1)  # (B, P, T_out)
+    log_p = -0.5 * (mahalanobis + per_parent[..., None, None])
+    return normalise_over_parents(log_a_out[..., None, None] + log_p, child_index, num_children)
 
 
 def em_routing(
@@ -127,7 +222,7 @@ def em_routing(
     float32 (float64 inputs stay float64), so routing is unaffected by mixed precision.
 
     Args:
-        V: votes (B, P, K, T_in, T_out, D); a_in: child activations (B, P, K, T_in).
+        V: votes (B, P, K, T_in, T_out, *pose), pose (16,) or (4, 4); a_in: child activations (B, P, K, T_in).
         beta_u, beta_a: (T_out,), one per parent type, shared across positions.
         lambdas: inverse temperature of each iteration (see ``inverse_temperatures``).
         var_floor: added to every sigma_sq (0.0005 in the authors' code).
@@ -138,14 +233,17 @@ def em_routing(
     with torch.autocast(device_type=V.device.type, enabled=False):
         dtype = torch.promote_types(V.dtype, torch.float32)
         V, a_in, beta_u, beta_a = (x.to(dtype) for x in (V, a_in, beta_u, beta_a))
-        R = initial_assignments(V, child_index, num_children)
+        b, p, k, t_in, t_out = V.shape[:5]
+        X, c, *tokens = CentredVotes.apply(V, 2 * len(lambdas) - 1)  # one token per contraction of X
+        a_in = a_in[:, :, None]  # (B, P, 1, K, T_in)
+        R = initial_assignments(torch.Size((b, p, t_out, k, t_in)), child_index, num_children, like=V)
         for t, lambda_ in enumerate(lambdas):
-            mu, sigma_sq, a_out, log_a_out, diff_sq = m_step(
-                R, a_in, V, beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, var_floor=var_floor, eps=eps
+            mu, sigma_sq, mu_c, a_out, log_a_out = m_step(
+                R, a_in, X, c, tokens[2 * t], beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, var_floor=var_floor, eps=eps
             )
             if t < len(lambdas) - 1:
-                R = e_step(diff_sq, sigma_sq, log_a_out, child_index, num_children)
-    return EMRoutingResult(mu, sigma_sq, a_out, R)
+                R = e_step(X, tokens[2 * t + 1], mu_c, sigma_sq, log_a_out, child_index, num_children, k)
+    return EMRoutingResult(mu, sigma_sq, a_out, R.permute(0, 1, 3, 4, 2))
 
 
 class EMRouting(nn.Module):

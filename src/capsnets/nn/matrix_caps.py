@@ -30,7 +30,7 @@ def init_transforms(*leading: int, pose: str, init_std: float | None = None) -> 
     return torch.randn(*leading, side, side) * std
 
 
-def capsule_votes(pose: torch.Tensor, W: torch.Tensor, *, pose_kind: str = "matrix") -> torch.Tensor:
+def capsule_votes(pose: torch.Tensor, W: torch.Tensor, *, pose_kind: str = "matrix", flatten: bool = True) -> torch.Tensor:
     """Votes ``V_ij = M_i W_ij`` of every child type i for every parent type j (paper Sec. 2).
 
     Args:
@@ -38,14 +38,17 @@ def capsule_votes(pose: torch.Tensor, W: torch.Tensor, *, pose_kind: str = "matr
         W: transformation matrices (K, T_in, T_out, 4, 4) for matrix poses, or
             (K, T_in, T_out, 16, 16) for vector poses (the vote is the row vector ``u_i W_ij``).
         pose_kind: "matrix" or "vector".
+        flatten: False keeps matrix votes as (..., 4, 4), a strided view of the einsum result;
+            flattening it costs a copy of every vote, which EM routing does not need.
 
     Returns:
-        votes (B, N, K, T_in, T_out, 16), each flattened row-major.
+        votes (B, N, K, T_in, T_out, 16), each flattened row-major (or (..., 4, 4)).
     """
     # einsum batches over (k, i) and never materialises the poses broadcast over T_out
     if pose_kind == "matrix":
         M = pose.unflatten(-1, (MATRIX_SIDE, MATRIX_SIDE))  # (B, N, K, T_in, 4, 4)
-        return torch.einsum("bnkiac,kijcd->bnkijad", M, W).flatten(-2)  # (B, N, K, T_in, T_out, 16)
+        V = torch.einsum("bnkiac,kijcd->bnkijad", M, W)  # (B, N, K, T_in, T_out, 4, 4)
+        return V.flatten(-2) if flatten else V  # (B, N, K, T_in, T_out, 16)
     return torch.einsum("bnkic,kijcd->bnkijd", pose, W)  # (B, N, K, T_in, T_out, 16)
 
 
