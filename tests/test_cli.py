@@ -113,3 +113,20 @@ def test_existing_checkpoints_are_not_touched_by_a_failing_run(cli, tmp_path):
     proc = cli("train.py", *synthetic_run(tmp_path, "run"), "model.net.routing_iterations=0")
     assert proc.returncode != 0
     assert (ckpt_dir / "last.ckpt").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize(
+    "extra, produced",
+    [
+        (["debug=fdr"], None),  # one batch of each split, no checkpoint
+        (["debug=limit", "logger=tensorboard"], "tensorboard/version_0/events.out.tfevents.*"),
+        (["debug=overfit", "trainer.max_epochs=2", "logger=none", "test=false"], "checkpoints/last.ckpt"),
+    ],
+)
+def test_debug_modes_and_loggers(cli, tmp_path, extra, produced):
+    proc = cli("train.py", *synthetic_run(tmp_path, "dbg"), *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if produced is None:
+        assert not (tmp_path / "dbg" / "checkpoints").exists()
+    else:
+        assert list((tmp_path / "dbg").glob(produced)), sorted(str(p) for p in (tmp_path / "dbg").rglob("*"))

@@ -14,10 +14,9 @@ from typing import Any
 import hydra
 import torch
 from lightning import seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
-from capsnets.errors import ConfigError
 from capsnets.utils.instantiate import (
     check_ckpt_path,
     instantiate_callbacks,
@@ -46,6 +45,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = instantiate_model(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
+    if not loggers and any(isinstance(cb, LearningRateMonitor) for cb in callbacks):
+        log.info("logger=none: the learning-rate monitor has nowhere to log and is left out.")
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     trainer = instantiate_trainer(cfg.trainer, callbacks, loggers)
     for logger in loggers:
         logger.log_hyperparams(resolved_config(cfg))
@@ -87,11 +89,13 @@ def _print_summary(cfg: DictConfig, trainer: Any, metrics: dict[str, float]) -> 
 
 
 def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
-    """The value a sweeper optimises; a clear error when it was never logged."""
+    """The value a sweeper optimises; None (with a warning naming what was logged) when absent,
+    e.g. when validation never ran; the finished run and its checkpoints stay as they are."""
     if not name:
         return None
     if name not in metrics:
-        raise ConfigError(f"optimized_metric={name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}.")
+        log.warning("optimized_metric=%r was not logged (logged: %s); returning None.", name, ", ".join(sorted(metrics)))
+        return None
     return metrics[name]
 
 

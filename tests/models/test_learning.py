@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from capsnets.data import SyntheticDataModule
-from capsnets.models import DRCapsModule
+from capsnets.models import DRCapsModule, EMCapsModule
+
+STEPS_EM = 64
 
 
 @pytest.mark.slow
@@ -27,3 +29,23 @@ def test_dr_caps_learns_synthetic_above_chance(tmp_path):
     acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     assert acc > 0.6, f"test accuracy {acc:.3f} after 48 steps (chance 0.1)"
     assert model.samples_seen == 48 * 32
+
+
+@pytest.mark.slow
+def test_em_caps_learns_synthetic_above_chance(tmp_path):
+    L.seed_everything(0, workers=True)
+    dm = SyntheticDataModule(num_train=512, num_val=64, num_test=256, batch_size=32, num_classes=5, image_size=20, seed=0)
+    model = EMCapsModule(
+        net=dict(in_channels=1, image_size=20, num_classes=5, A=16, B=8, C=8, D=8),
+        loss=dict(name="spread", margin_schedule=dict(schedule="linear", start=0.2, end=0.9, ramp_samples=1024)),
+        optimizer=dict(name="adam", lr=3e-3, weight_decay=0.0),
+        scheduler=dict(name="none"),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=STEPS_EM, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    assert acc > 0.5, f"test accuracy {acc:.3f} after {STEPS_EM} steps (chance 0.2)"
+    assert model.spread_margin == pytest.approx(0.2 + 0.7 * min((STEPS_EM - 1) * 32 / 1024, 1.0))

@@ -217,3 +217,115 @@ def test_bad_config_raises_naming_the_key(kwargs, key):
 
 def test_routing_module_parameters():
     assert sum(p.numel() for p in EMRouting(out_types=7).parameters()) == 14
+
+
+# --- the single-pass implementation: precision, gradients and layouts -------------------------
+
+
+def routing_inputs(case: str, *, conv: bool, seed: int = 0) -> dict:
+    """Votes (B, P, K, T_in, T_out, 16), activations and routing kwargs; conv: 3x3/1 on a 5x5 grid."""
+    torch.manual_seed(seed)
+    if conv:
+        child_index, k, p = conv_child_index(5, 5, kernel_size=3, stride=1), 9, 9
+        extra = {"child_index": child_index, "num_children": 25}
+    else:
+        k, p, extra = 12, 1, {}
+    shape = (2, p, k, 3, 4, 16)
+    V = {"randn": torch.randn(shape), "offset_1000": 1000 + 3 * torch.randn(shape), "huge_1e4": 1e4 * torch.randn(shape)}[case]
+    return {"V": V, "a_in": torch.rand(shape[:4]), "beta_u": 0.5 * torch.randn(4), "beta_a": 0.5 * torch.randn(4),
+            "lambdas": [0.01, 0.02, 0.05], **extra}
+
+
+def as_double(inputs: dict) -> dict:
+    return {key: x.double() if torch.is_tensor(x) and x.is_floating_point() else x for key, x in inputs.items()}
+
+
+@pytest.mark.parametrize("conv", [True, False])
+@pytest.mark.parametrize("case", ["randn", "offset_1000", "huge_1e4"])
+def test_float32_routing_close_to_float64(case, conv):
+    # the float64 path is the slow loop's (tests above); float32 centred moments stay close to it.
+    # Worst over 10 seeds: mu 2.5e-5 (relative), a_out 2.7e-5, R 7e-5; sigma_sq 7e-3 (relative)
+    # where one child dominates a parent: E[V'^2] - E[V']^2 cancels down to the variance floor
+    inputs = routing_inputs(case, conv=conv)
+    got, ref = em_routing(**inputs), em_routing(**as_double(inputs))
+    assert got.mu.dtype == torch.float32
+    assert ((got.mu.double() - ref.mu).abs().max() / ref.mu.abs().max()).item() < 1e-4
+    assert ((got.sigma_sq.double() - ref.sigma_sq).abs() / ref.sigma_sq).max().item() < 2e-2
+    assert (got.a_out.double() - ref.a_out).abs().max().item() < 1e-4
+    assert (got.R.double() - ref.R).abs().max().item() < 5e-4
+
+
+def test_float64_moments_exact_for_a_tight_cluster_far_from_the_mean():
+    # large poses that agree closely: the float32 moments cancel, moment_dtype=float64 does not
+    torch.manual_seed(5)
+    inputs = routing_inputs("randn", conv=True)
+    V = 10 * inputs["V"]
+    inliers = torch.rand(V.shape[:4]) < 0.3  # (B, P, K, T_in)
+    centre = 10 * torch.randn(V.shape[0], V.shape[1], 1, 1, V.shape[4], 16)
+    inputs["V"] = torch.where(inliers[..., None, None], centre + 1e-3 * torch.randn(V.shape), V)
+    inputs["a_in"] = torch.where(inliers, 0.9, 0.1)
+    got, ref = em_routing(**inputs, moment_dtype=torch.float64), em_routing(**as_double(inputs))
+    assert got.mu.dtype == torch.float32 and got.R.dtype == torch.float32
+    assert ((got.sigma_sq.double() - ref.sigma_sq).abs() / ref.sigma_sq).max().item() < 1e-5
+    assert (got.a_out.double() - ref.a_out).abs().max().item() < 1e-6
+    assert (got.R.double() - ref.R).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_em_routing_gradcheck_float64(conv):
+    inputs = as_double(routing_inputs("randn", conv=conv))
+    inputs["V"] = inputs["V"][:1, :, :, :2, :3]  # (1, P, K, 2, 3, 16)
+    inputs["a_in"] = inputs["a_in"][:1, :, :, :2]
+    inputs["beta_u"], inputs["beta_a"] = inputs["beta_u"][:3], inputs["beta_a"][:3]
+    # votes in a strided layout, as the vote einsum hands them over
+    V = inputs.pop("V").permute(4, 0, 1, 2, 3, 5).contiguous().permute(1, 2, 3, 4, 0, 5)
+    tensors = [V, inputs.pop("a_in"), inputs.pop("beta_u"), inputs.pop("beta_a")]
+    for x in tensors:
+        x.requires_grad_(True)
+
+    def routed(V, a_in, beta_u, beta_a):
+        result = em_routing(V, a_in, beta_u=beta_u, beta_a=beta_a, **inputs)
+        return result.mu, result.a_out, result.sigma_sq
+
+    assert torch.autograd.gradcheck(routed, tensors, fast_mode=True)
+
+
+def test_gradients_repeatable_partial_and_linear():
+    inputs = routing_inputs("randn", conv=True)
+    V = inputs.pop("V").requires_grad_(True)
+    a_in = inputs.pop("a_in").requires_grad_(True)
+    result = em_routing(V, a_in, **inputs)
+    g_mu = torch.randn_like(result.mu)
+    first = torch.autograd.grad((result.mu * g_mu).sum(), V, retain_graph=True)[0]
+    again = torch.autograd.grad((result.mu * g_mu).sum(), V, retain_graph=True)[0]
+    assert torch.equal(first, again)  # nothing left over from one backward to the next
+    of_a = torch.autograd.grad(result.a_out.sum(), V, retain_graph=True)[0]
+    both = torch.autograd.grad((result.mu * g_mu).sum() + result.a_out.sum(), V, retain_graph=True)[0]
+    assert torch.allclose(both, first + of_a, rtol=1e-4, atol=1e-6)
+    only_a = em_routing(V.detach(), a_in, **inputs)  # votes without gradient
+    (grad_a,) = torch.autograd.grad(only_a.a_out.sum(), a_in)
+    assert torch.isfinite(grad_a).all() and grad_a.abs().sum() > 0
+
+
+def test_vote_layout_does_not_change_the_result():
+    inputs = routing_inputs("randn", conv=True)
+    V = inputs.pop("V")
+    strided = V.permute(2, 3, 0, 1, 4, 5).contiguous().permute(2, 3, 0, 1, 4, 5)  # the vote einsum's layout
+    assert not strided.is_contiguous()
+    a, b = em_routing(V, **inputs), em_routing(strided, **inputs)
+    assert torch.equal(a.mu, b.mu) and torch.equal(a.a_out, b.a_out) and torch.equal(a.R, b.R)
+
+
+def test_parents_without_data_get_zero_pose_and_floor_variance():
+    # as the slow loop: mu = sum_i R V / (sum_i R + eps) = 0 when no child is active
+    inputs = routing_inputs("offset_1000", conv=True)
+    inputs["a_in"] = torch.zeros_like(inputs["a_in"])
+    result = em_routing(**inputs, var_floor=0.01)
+    assert torch.equal(result.mu, torch.zeros_like(result.mu))
+    assert torch.allclose(result.sigma_sq, torch.full_like(result.sigma_sq, 0.01))
+
+
+def test_bad_moment_dtype_raises_naming_the_key():
+    with pytest.raises(ConfigError, match="moment_dtype"):
+        ConvCapsules(in_types=2, out_types=2, kernel_size=3, stride=1, moment_dtype="float16")
+    assert ClassCapsules(in_types=2, num_classes=3, moment_dtype="float64").routing.moment_dtype == "float64"

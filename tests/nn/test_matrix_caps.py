@@ -155,3 +155,12 @@ def test_wrong_shapes_and_too_small_grid_raise():
         layer(torch.randn(1, 4, 4, 3, 16), torch.rand(1, 4, 4, 3))
     with pytest.raises(ValueError, match="smaller than"):
         layer(torch.randn(1, 2, 4, 2, 16), torch.rand(1, 2, 4, 2))
+
+
+@pytest.mark.parametrize("pose_kind", ["matrix", "vector"])
+def test_votes_keep_each_vote_contiguous(pose_kind):
+    # EM routing re-lays the votes out per parent in one pass; that pass is fast when each
+    # vote's 16 elements are contiguous (a 4x4 einsum would interleave them with T_out)
+    side = 4 if pose_kind == "matrix" else 16
+    V = capsule_votes(torch.randn(2, 3, 5, 2, 16), torch.randn(5, 2, 3, side, side), pose_kind=pose_kind)
+    assert V.shape == (2, 3, 5, 2, 3, 16) and V.stride(-1) == 1 and V.stride(-2) == 16

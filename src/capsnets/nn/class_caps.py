@@ -52,6 +52,7 @@ class ClassCapsules(nn.Module):
             because the authors' code divides lambda by 4 at this layer.
         var_floor: added to every class variance.
         init_std: std of the initial ``W``; None = 1/sqrt(rows of W).
+        moment_dtype: "float32" or "float64" routing arithmetic (see ``em_routing``).
 
     After ``forward``, ``last_assignments`` holds the detached final R, (B, H, W, T_in, K).
     """
@@ -60,6 +61,7 @@ class ClassCapsules(nn.Module):
         self, *, in_types: int, num_classes: int, coordinate_addition: bool = True, iterations: int = 3,
         pose: str = "matrix", lambda_schedule: str = "official", lambda_value: float = 0.01,
         lambda_scale: float = 0.25, var_floor: float = 0.0005, init_std: float | None = None,
+        moment_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.in_types = require_int("ClassCapsules.in_types", in_types)
@@ -70,7 +72,7 @@ class ClassCapsules(nn.Module):
         self.weight = nn.Parameter(init_transforms(in_types, num_classes, pose=pose, init_std=init_std))  # W_ij per (in type, class)
         self.routing = EMRouting(
             out_types=num_classes, iterations=iterations, lambda_schedule=lambda_schedule, lambda_value=lambda_value,
-            lambda_scale=lambda_scale, var_floor=var_floor, layer="ClassCapsules",
+            lambda_scale=lambda_scale, var_floor=var_floor, moment_dtype=moment_dtype, layer="ClassCapsules",
         )
         self.last_assignments: torch.Tensor | None = None
 

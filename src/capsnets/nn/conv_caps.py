@@ -46,6 +46,7 @@ class ConvCapsules(nn.Module):
         lambda_schedule, lambda_value, lambda_scale: inverse temperature, see ``inverse_temperatures``.
         var_floor: added to every parent variance.
         init_std: std of the initial ``W``; None = 1/sqrt(rows of W).
+        moment_dtype: "float32" or "float64" routing arithmetic (see ``em_routing``).
 
     After ``forward``, ``last_assignments`` holds the detached final R,
     (B, H_out, W_out, K*K, T_in, T_out); slot ``(oy, ox, ky*K+kx)`` is the child at input
@@ -56,6 +57,7 @@ class ConvCapsules(nn.Module):
         self, *, in_types: int, out_types: int, kernel_size: int, stride: int, iterations: int = 3,
         pose: str = "matrix", lambda_schedule: str = "official", lambda_value: float = 0.01,
         lambda_scale: float = 1.0, var_floor: float = 0.0005, init_std: float | None = None,
+        moment_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.in_types = require_int("ConvCapsules.in_types", in_types)
@@ -68,7 +70,7 @@ class ConvCapsules(nn.Module):
         self.weight = nn.Parameter(init_transforms(kernel_size**2, in_types, out_types, pose=pose, init_std=init_std))
         self.routing = EMRouting(
             out_types=out_types, iterations=iterations, lambda_schedule=lambda_schedule, lambda_value=lambda_value,
-            lambda_scale=lambda_scale, var_floor=var_floor, layer="ConvCapsules",
+            lambda_scale=lambda_scale, var_floor=var_floor, moment_dtype=moment_dtype, layer="ConvCapsules",
         )
         self.last_assignments: torch.Tensor | None = None
 
@@ -91,8 +93,7 @@ class ConvCapsules(nn.Module):
             M = pose.to(dtype).reshape(b, h * w, t_in, POSE_SIZE).index_select(1, child_index)
             M = M.view(b, h_out * w_out, kk, t_in, POSE_SIZE)
             a_in = a.to(dtype).reshape(b, h * w, t_in).index_select(1, child_index).view(b, h_out * w_out, kk, t_in)
-            # (B, P, K*K, T_in, T_out, 16) or, for matrices, (..., 4, 4): routing reads the votes in any layout
-            V = capsule_votes(M, self.weight.to(dtype), pose_kind=self.pose, flatten=False)
+            V = capsule_votes(M, self.weight.to(dtype), pose_kind=self.pose)  # (B, P, K*K, T_in, T_out, 16)
             result = self.routing(V, a_in, child_index=child_index, num_children=h * w)
         self.last_assignments = result.R.detach().reshape(b, h_out, w_out, kk, t_in, self.out_types)
         mu = result.mu.view(b, h_out, w_out, self.out_types, POSE_SIZE)  # (B, P, T_out, 16) -> (B, H_out, W_out, T_out, 16)

@@ -4,8 +4,8 @@ Votes come in laid out by *patch*: P parent positions, each seeing K child slots
 offsets of a conv-capsule layer, or every input position for the class layer), T_in child
 types and T_out parent types; D = 16 pose elements h.
 
-    V     (B, P, K, T_in, T_out, *pose)  votes V_ij, any strides; pose (16,) or (4, 4), D = 16
-    a_in  (B, P, K, T_in)                activation a_i of the child in each slot
+    V     (B, P, K, T_in, T_out, D)   votes V_ij of child i (slot k, type) for parent j (position p, type), any strides
+    a_in  (B, P, K, T_in)             activation a_i of the child in each slot
 
 Internally every parent j = (b, p, o) owns a contiguous block of its N = K * T_in votes:
 G = B * P * T_out parents, R (B, P, T_out, K, T_in). The routing is memory-bound on the
@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 from capsnets.utils.validation import require_choice, require_int, require_positive
 
 LAMBDA_SCHEDULES = ("official", "fixed")
+MOMENT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the least precision of the routing arithmetic
 OFFICIAL_LAMBDA = 0.01  # google-research capsule_em: lambda_t = 0.01 * (1 - 0.95 ** (t + 1))
 OFFICIAL_LAMBDA_DECAY = 0.95
 
@@ -59,7 +60,7 @@ def inverse_temperatures(iterations: int, *, schedule: str = "official", value: 
 
 
 class CentredVotes(torch.autograd.Function):
-    """``X = [V' | V'^2]`` (G, N, 2D) with ``V' = V - c``, written once per forward.
+    """``X = [V' | V'^2]`` (G, N, 2D) with ``V' = V - c``, written once per forward in ``dtype``.
 
     ``c`` (B, P, T_out, D) is the plain mean of each parent's votes, a constant (no gradient):
     mu and sigma_sq are rebuilt from E[V'] and E[V'^2] exactly for any c (see ``m_step``); c
@@ -71,45 +72,52 @@ class CentredVotes(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, V: torch.Tensor, uses: int):  # type: ignore[override]
-        b, p, k, t_in, t_out, *pose = V.shape
+    def forward(ctx, V: torch.Tensor, uses: int, dtype: torch.dtype):  # type: ignore[override]
+        b, p, k, t_in, t_out, d = V.shape
         ctx.set_materialize_grads(False)  # X and c get no gradient: never allocate zeros for them
-        V_par = V.permute(0, 1, 4, 2, 3, *range(5, V.dim()))  # (B, P, T_out, K, T_in, *pose), a view
-        c = V_par.mean(dim=(3, 4), keepdim=True)  # (B, P, T_out, 1, 1, *pose)
-        X = V.new_empty(b, p, t_out, k, t_in, 2, *pose)  # [V' | V'^2] of each vote side by side
-        torch.sub(V_par, c, out=X[:, :, :, :, :, 0])  # one pass: centres and lays out each parent's votes contiguously
-        torch.mul(X[:, :, :, :, :, 0], X[:, :, :, :, :, 0], out=X[:, :, :, :, :, 1])
+        V_par = V.permute(0, 1, 4, 2, 3, 5)  # (B, P, T_out, K, T_in, D), a view
+        c = V_par.mean(dim=(3, 4), keepdim=True).to(dtype)  # (B, P, T_out, 1, 1, D)
+        X = V.new_empty(b, p, t_out, k, t_in, 2, d, dtype=dtype)  # [V' | V'^2] of each vote side by side
+        torch.sub(V_par, c, out=X.select(5, 0))  # one pass: centres and lays out each parent's votes contiguously
+        torch.mul(X.select(5, 0), X.select(5, 0), out=X.select(5, 1))
         X = X.view(b * p * t_out, k * t_in, -1)  # (G, N, 2D)
+        c = c.view(b, p, t_out, d)
         ctx.save_for_backward(X)
-        ctx.layout = torch.empty_like(V, device="meta")  # V's shape and strides, without keeping V alive
-        ctx.mark_non_differentiable(X)
+        ctx.layout = torch.empty_like(V, device="meta")  # V's shape, strides and dtype, without keeping V alive
+        ctx.mark_non_differentiable(X, c)
         # one distinct (G, N + 2D) token per use (a shared one would sum the factors before the product)
-        tokens = [V.new_zeros(()).expand(X.shape[0], X.shape[1] + X.shape[2]) for _ in range(uses)]
-        return (X, c.reshape(b, p, t_out, -1), *tokens)
+        tokens = [X.new_zeros(()).expand(X.shape[0], X.shape[1] + X.shape[2]) for _ in range(uses)]
+        return (X, c, *tokens)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, _dX, _dc, *token_grads):  # type: ignore[override]
         grads = [g for g in token_grads if g is not None]
         if not grads:
-            return None, None
+            return None, None, None
         (X,) = ctx.saved_tensors
         n = X.shape[1]
         factors = torch.stack(grads, dim=1)  # (G, uses, N + 2D): [left | right]
         dX = torch.bmm(factors[..., :n].transpose(1, 2), factors[..., n:])  # (G, N, 2D)
         layout = ctx.layout
-        b, p, k, t_in, t_out, *pose = layout.shape
+        b, p, k, t_in, t_out, d = layout.shape
         # V's own strides, so that the backward of the vote einsum needs no copy
-        dV = torch.empty_strided(layout.shape, layout.stride(), dtype=X.dtype, device=X.device)
-        dV_par = dV.permute(0, 1, 4, 2, 3, *range(5, dV.dim()))  # (B, P, T_out, K, T_in, *pose)
-        dX, V_c = (x.view(b, p, t_out, k, t_in, 2, *pose) for x in (dX, X))
+        dV = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=X.device)
+        dV_par = dV.permute(0, 1, 4, 2, 3, 5)  # (B, P, T_out, K, T_in, D)
+        dX, X = (x.view(b, p, t_out, k, t_in, 2, d) for x in (dX, X))
         # dL/dV = dL/dV' + 2 V' dL/dV'^2 (c is a constant)
-        torch.addcmul(dX[:, :, :, :, :, 0], V_c[:, :, :, :, :, 0], dX[:, :, :, :, :, 1], value=2.0, out=dV_par)
-        return dV, None
+        if dV.dtype == dX.dtype:
+            torch.addcmul(dX.select(5, 0), X.select(5, 0), dX.select(5, 1), value=2.0, out=dV_par)
+        else:
+            dV_par.copy_(dX.select(5, 0).addcmul_(X.select(5, 0), dX.select(5, 1), value=2.0))
+        return dV, None, None
 
 
 class ChildSum(torch.autograd.Function):
-    """M-step contraction ``S[g] = sum_n w[g, n] X[g, n]``: (G, N) -> (G, 2D)."""
+    """M-step contraction ``S[g] = sum_n w[g, n] X[g, n]``: (G, N) -> (G, 2D).
+
+    ``token``: this use's token from ``CentredVotes``; its gradient carries the factors of dL/dX.
+    """
 
     @staticmethod
     def forward(ctx, X: torch.Tensor, token: torch.Tensor, w: torch.Tensor):  # type: ignore[override]
@@ -122,7 +130,8 @@ class ChildSum(torch.autograd.Function):
         X, w = ctx.saved_tensors
         # (G, 1, 2D) @ (G, 2D, N): reads X faster than (G, N, 2D) @ (G, 2D, 1)
         dw = torch.bmm(dS.unsqueeze(1), X.transpose(1, 2)).squeeze(1) if ctx.needs_input_grad[2] else None  # (G, N)
-        return None, torch.cat([w, dS], dim=1), dw
+        factors = torch.cat([w, dS], dim=1) if ctx.needs_input_grad[1] else None  # dL/dX = w x dS
+        return None, factors, dw
 
 
 class PoseSum(torch.autograd.Function):
@@ -138,11 +147,11 @@ class PoseSum(torch.autograd.Function):
     def backward(ctx, dq):  # type: ignore[override]
         X, f = ctx.saved_tensors
         df = torch.bmm(dq.unsqueeze(1), X).squeeze(1) if ctx.needs_input_grad[2] else None  # (G, 2D)
-        return None, torch.cat([dq, f], dim=1), df
+        factors = torch.cat([dq, f], dim=1) if ctx.needs_input_grad[1] else None  # dL/dX = dq x f
+        return None, factors, df
 
 
-def initial_assignments(shape: torch.Size, child_index: torch.Tensor | None, num_children: int | None,
-                        like: torch.Tensor) -> torch.Tensor:
+def initial_assignments(shape: torch.Size, child_index: torch.Tensor | None, num_children: int | None, like: torch.Tensor) -> torch.Tensor:
     """Procedure 1, line 2: R_ij uniform over the parents child i votes for, (B, P, T_out, K, T_in)."""
     b, p, t_out, k, t_in = shape
     if child_index is None:
@@ -215,6 +224,7 @@ def e_step(
 def em_routing(
     V: torch.Tensor, a_in: torch.Tensor, *, beta_u: torch.Tensor, beta_a: torch.Tensor, lambdas: Sequence[float],
     var_floor: float = 0.0005, eps: float = 1e-8, child_index: torch.Tensor | None = None, num_children: int | None = None,
+    moment_dtype: torch.dtype | None = None,
 ) -> EMRoutingResult:
     """Procedure 1: ``len(lambdas)`` iterations of M-step (every parent) then E-step (every child).
 
@@ -222,36 +232,48 @@ def em_routing(
     float32 (float64 inputs stay float64), so routing is unaffected by mixed precision.
 
     Args:
-        V: votes (B, P, K, T_in, T_out, *pose), pose (16,) or (4, 4); a_in: child activations (B, P, K, T_in).
+        V: votes (B, P, K, T_in, T_out, D), any strides; a_in: child activations (B, P, K, T_in).
         beta_u, beta_a: (T_out,), one per parent type, shared across positions.
         lambdas: inverse temperature of each iteration (see ``inverse_temperatures``).
         var_floor: added to every sigma_sq (0.0005 in the authors' code).
         eps: guards ``sum_i R_ij`` of parents that receive no data.
         child_index: (P*K,) input position of each (p, k) slot, in [0, num_children); None
             when every slot is a distinct child.
+        moment_dtype: dtype of the centred votes and of the routing arithmetic (default: that of
+            the votes, at least float32; outputs keep it). The moments lose about
+            ``2^-24 ((mu - c) / sigma)^2`` to cancellation in float32, c the plain mean of a
+            parent's votes: nothing for spread-out votes, digits for a tight cluster far from c
+            (large poses that agree); ``torch.float64`` is exact there, at about twice the cost.
     """
     with torch.autocast(device_type=V.device.type, enabled=False):
         dtype = torch.promote_types(V.dtype, torch.float32)
-        V, a_in, beta_u, beta_a = (x.to(dtype) for x in (V, a_in, beta_u, beta_a))
+        moment_dtype = torch.promote_types(moment_dtype or dtype, dtype)
+        V = V.to(dtype)
+        a_in, beta_u, beta_a = (x.to(moment_dtype) for x in (a_in, beta_u, beta_a))
         b, p, k, t_in, t_out = V.shape[:5]
-        X, c, *tokens = CentredVotes.apply(V, 2 * len(lambdas) - 1)  # one token per contraction of X
+        X, c, *tokens = CentredVotes.apply(V, 2 * len(lambdas) - 1, moment_dtype)  # one token per contraction of X
         a_in = a_in[:, :, None]  # (B, P, 1, K, T_in)
-        R = initial_assignments(torch.Size((b, p, t_out, k, t_in)), child_index, num_children, like=V)
+        R = initial_assignments(torch.Size((b, p, t_out, k, t_in)), child_index, num_children, like=X)
         for t, lambda_ in enumerate(lambdas):
             mu, sigma_sq, mu_c, a_out, log_a_out = m_step(
                 R, a_in, X, c, tokens[2 * t], beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, var_floor=var_floor, eps=eps
             )
             if t < len(lambdas) - 1:
                 R = e_step(X, tokens[2 * t + 1], mu_c, sigma_sq, log_a_out, child_index, num_children, k)
-    return EMRoutingResult(mu, sigma_sq, a_out, R.permute(0, 1, 3, 4, 2))
+    result = (mu, sigma_sq, a_out, R.permute(0, 1, 3, 4, 2))  # R back to (B, P, K, T_in, T_out)
+    return EMRoutingResult(*(x.to(dtype) for x in result))
 
 
 class EMRouting(nn.Module):
-    """EM routing with learned ``beta_u``, ``beta_a`` (one per parent type): 2 * out_types parameters."""
+    """EM routing with learned ``beta_u``, ``beta_a`` (one per parent type): 2 * out_types parameters.
+
+    ``moment_dtype`` "float64" routes exactly also where float32 moments cancel (see ``em_routing``).
+    """
 
     def __init__(
         self, *, out_types: int, iterations: int = 3, lambda_schedule: str = "official", lambda_value: float = 0.01,
-        lambda_scale: float = 1.0, var_floor: float = 0.0005, eps: float = 1e-8, layer: str = "EMRouting",
+        lambda_scale: float = 1.0, var_floor: float = 0.0005, eps: float = 1e-8, moment_dtype: str = "float32",
+        layer: str = "EMRouting",
     ) -> None:
         super().__init__()
         require_int(f"{layer}.out_types", out_types)
@@ -261,6 +283,7 @@ class EMRouting(nn.Module):
         self.lambda_scale = require_positive(f"{layer}.lambda_scale", lambda_scale)
         self.var_floor = require_positive(f"{layer}.var_floor", var_floor)
         self.eps = require_positive(f"{layer}.eps", eps)
+        self.moment_dtype = require_choice(f"{layer}.moment_dtype", moment_dtype, tuple(MOMENT_DTYPES))
         self.beta_u = nn.Parameter(torch.zeros(out_types))
         self.beta_a = nn.Parameter(torch.zeros(out_types))
 
@@ -273,11 +296,11 @@ class EMRouting(nn.Module):
     ) -> EMRoutingResult:
         return em_routing(
             V, a_in, beta_u=self.beta_u, beta_a=self.beta_a, lambdas=self.lambdas, var_floor=self.var_floor,
-            eps=self.eps, child_index=child_index, num_children=num_children,
+            eps=self.eps, child_index=child_index, num_children=num_children, moment_dtype=MOMENT_DTYPES[self.moment_dtype],
         )
 
     def extra_repr(self) -> str:
         return (
             f"out_types={self.beta_u.numel()}, iterations={self.iterations}, lambda_schedule={self.lambda_schedule}, "
-            f"lambda_scale={self.lambda_scale}, var_floor={self.var_floor}"
+            f"lambda_scale={self.lambda_scale}, var_floor={self.var_floor}, moment_dtype={self.moment_dtype}"
         )

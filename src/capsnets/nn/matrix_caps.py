@@ -30,7 +30,7 @@ def init_transforms(*leading: int, pose: str, init_std: float | None = None) -> 
     return torch.randn(*leading, side, side) * std
 
 
-def capsule_votes(pose: torch.Tensor, W: torch.Tensor, *, pose_kind: str = "matrix", flatten: bool = True) -> torch.Tensor:
+def capsule_votes(pose: torch.Tensor, W: torch.Tensor, *, pose_kind: str = "matrix") -> torch.Tensor:
     """Votes ``V_ij = M_i W_ij`` of every child type i for every parent type j (paper Sec. 2).
 
     Args:
@@ -38,17 +38,17 @@ def capsule_votes(pose: torch.Tensor, W: torch.Tensor, *, pose_kind: str = "matr
         W: transformation matrices (K, T_in, T_out, 4, 4) for matrix poses, or
             (K, T_in, T_out, 16, 16) for vector poses (the vote is the row vector ``u_i W_ij``).
         pose_kind: "matrix" or "vector".
-        flatten: False keeps matrix votes as (..., 4, 4), a strided view of the einsum result;
-            flattening it costs a copy of every vote, which EM routing does not need.
 
     Returns:
-        votes (B, N, K, T_in, T_out, 16), each flattened row-major (or (..., 4, 4)).
+        votes (B, N, K, T_in, T_out, 16), each flattened row-major: a strided view whose 16
+        elements are contiguous (EM routing reads it in any layout, without a copy).
     """
-    # einsum batches over (k, i) and never materialises the poses broadcast over T_out
     if pose_kind == "matrix":
-        M = pose.unflatten(-1, (MATRIX_SIDE, MATRIX_SIDE))  # (B, N, K, T_in, 4, 4)
-        V = torch.einsum("bnkiac,kijcd->bnkijad", M, W)  # (B, N, K, T_in, T_out, 4, 4)
-        return V.flatten(-2) if flatten else V  # (B, N, K, T_in, T_out, 16)
+        # row-major vec(M W) = vec(M) kron(I_4, W): a 16x16 vector transform whose einsum keeps
+        # each vote's 16 elements together (M W itself would interleave them with T_out)
+        eye = torch.eye(MATRIX_SIDE, dtype=W.dtype, device=W.device)
+        W = torch.einsum("ab,kijcd->kijacbd", eye, W).reshape(*W.shape[:-2], POSE_SIZE, POSE_SIZE)  # (K, T_in, T_out, 16, 16)
+    # einsum batches over (k, i) and never materialises the poses broadcast over T_out
     return torch.einsum("bnkic,kijcd->bnkijd", pose, W)  # (B, N, K, T_in, T_out, 16)
 
 
