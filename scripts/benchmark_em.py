@@ -39,10 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from capsnets.models import EMCapsNet
-from capsnets.nn import em_routing as _em_routing_fn  # noqa: F401  (the package re-exports the function)
 from capsnets.nn.em_routing import EMRouting, EMRoutingResult
 
-EM_MODULE = sys.modules["capsnets.nn.em_routing"]
+EM_MODULE = sys.modules["capsnets.nn.em_routing"]  # the module: the package re-exports the function under its name
 MODELS = {"em_caps": dict(A=32, B=32, C=32, D=32), "em_caps_small": dict(A=64, B=8, C=16, D=16)}
 
 
@@ -54,7 +53,7 @@ def reference_em_routing(
     """Procedure 1 as written in the paper, on V (B, P, K, T_in, T_out, D): the comparison baseline (float32; ignores moment_dtype)."""
     with torch.autocast(device_type=V.device.type, enabled=False):
         dtype = torch.promote_types(V.dtype, torch.float32)
-        V = V.flatten(5).to(dtype)  # (B, P, K, T_in, T_out, D), a copy for strided matrix votes
+        V = V.to(dtype)  # (B, P, K, T_in, T_out, D)
         a_in, beta_u, beta_a = a_in.to(dtype), beta_u.to(dtype), beta_a.to(dtype)
         b, p, k, t_in, t_out, _ = V.shape
         if child_index is None:

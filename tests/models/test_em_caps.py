@@ -111,3 +111,11 @@ def test_adversarial_images_stay_finite(images):
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(scores).all()
     assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def test_moment_dtype_reaches_every_routing_layer():
+    net = EMCapsNet(**NORB, **TINY, moment_dtype="float32")
+    assert {m.routing.moment_dtype for m in (net.caps1, net.caps2, net.classes)} == {"float32"}
+    assert EMCapsNet(**NORB, **TINY).caps1.routing.moment_dtype == "float64"  # exact by default
+    with pytest.raises(ConfigError, match="model.net.moment_dtype"):
+        EMCapsNet(**NORB, **TINY, moment_dtype="float16")

@@ -50,6 +50,7 @@ class EMCapsNet(nn.Module):
         lambda_value: float = 0.01,
         class_lambda_scale: float = 0.25,
         var_floor: float = 0.0005,
+        moment_dtype: str = "float64",
     ) -> None:
         super().__init__()
         sizes = {"in_channels": in_channels, "image_size": image_size, "A": A, "B": B, "C": C, "D": D,
@@ -64,6 +65,7 @@ class EMCapsNet(nn.Module):
         require_positive("model.net.lambda_value", lambda_value)
         require_positive("model.net.class_lambda_scale", class_lambda_scale)
         require_positive("model.net.var_floor", var_floor)
+        require_choice("model.net.moment_dtype", moment_dtype, ("float32", "float64"))
         grid = (image_size - conv1_kernel) // conv1_stride + 1
         grid1 = (grid - caps1_kernel) // caps1_stride + 1 if grid >= caps1_kernel else 0
         grid2 = (grid1 - caps2_kernel) // caps2_stride + 1 if grid1 >= caps2_kernel else 0
@@ -73,7 +75,10 @@ class EMCapsNet(nn.Module):
                 f"ConvCaps1 {caps1_kernel}/{caps1_stride} and ConvCaps2 {caps2_kernel}/{caps2_stride} "
                 f"(grids {grid} -> {grid1} -> {grid2}); use larger images or smaller kernels/strides."
             )
-        routing = dict(iterations=iterations, pose=pose, lambda_schedule=lambda_schedule, lambda_value=lambda_value, var_floor=var_floor)
+        routing = dict(
+            iterations=iterations, pose=pose, lambda_schedule=lambda_schedule, lambda_value=lambda_value,
+            var_floor=var_floor, moment_dtype=moment_dtype,
+        )
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, A, conv1_kernel, stride=conv1_stride), nn.ReLU(inplace=True))
         self.primary = PrimaryMatrixCapsules(A, num_types=B)
         self.caps1 = ConvCapsules(in_types=B, out_types=C, kernel_size=caps1_kernel, stride=caps1_stride, **routing)

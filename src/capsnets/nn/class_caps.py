@@ -61,7 +61,7 @@ class ClassCapsules(nn.Module):
         self, *, in_types: int, num_classes: int, coordinate_addition: bool = True, iterations: int = 3,
         pose: str = "matrix", lambda_schedule: str = "official", lambda_value: float = 0.01,
         lambda_scale: float = 0.25, var_floor: float = 0.0005, init_std: float | None = None,
-        moment_dtype: str = "float32",
+        moment_dtype: str = "float64",
     ) -> None:
         super().__init__()
         self.in_types = require_int("ClassCapsules.in_types", in_types)

@@ -57,7 +57,7 @@ class ConvCapsules(nn.Module):
         self, *, in_types: int, out_types: int, kernel_size: int, stride: int, iterations: int = 3,
         pose: str = "matrix", lambda_schedule: str = "official", lambda_value: float = 0.01,
         lambda_scale: float = 1.0, var_floor: float = 0.0005, init_std: float | None = None,
-        moment_dtype: str = "float32",
+        moment_dtype: str = "float64",
     ) -> None:
         super().__init__()
         self.in_types = require_int("ConvCapsules.in_types", in_types)

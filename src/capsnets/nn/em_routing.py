@@ -67,8 +67,8 @@ class CentredVotes(torch.autograd.Function):
     only keeps the cancellation in ``E[V'^2] - E[V']^2`` small. Every later use of X is a
     contraction with a small operand (``ChildSum``, ``PoseSum``), whose gradient with respect
     to X is an outer product ``left (G, N) x right (G, 2D)``. Each use hands its two factors
-    back through its own ``token`` output, and the backward here sums them in one bmm: one
-    vote-sized gradient in all, instead of one per use plus an accumulation each.
+    back as the gradients of its own pair of ``tokens``, and the backward here sums them in one
+    bmm: one vote-sized gradient in all, instead of one per use plus an accumulation each.
     """
 
     @staticmethod
@@ -85,20 +85,20 @@ class CentredVotes(torch.autograd.Function):
         ctx.save_for_backward(X)
         ctx.layout = torch.empty_like(V, device="meta")  # V's shape, strides and dtype, without keeping V alive
         ctx.mark_non_differentiable(X, c)
-        # one distinct (G, N + 2D) token per use (a shared one would sum the factors before the product)
-        tokens = [X.new_zeros(()).expand(X.shape[0], X.shape[1] + X.shape[2]) for _ in range(uses)]
+        # distinct (G, N) and (G, 2D) tokens for each use (shared ones would sum factors before the product)
+        tokens = [X.new_zeros(()).expand(X.shape[0], X.shape[1 + i % 2]) for i in range(2 * uses)]
         return (X, c, *tokens)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, _dX, _dc, *token_grads):  # type: ignore[override]
-        grads = [g for g in token_grads if g is not None]
-        if not grads:
+        pairs = [(left, right) for left, right in zip(token_grads[::2], token_grads[1::2]) if left is not None]
+        if not pairs:
             return None, None, None
         (X,) = ctx.saved_tensors
-        n = X.shape[1]
-        factors = torch.stack(grads, dim=1)  # (G, uses, N + 2D): [left | right]
-        dX = torch.bmm(factors[..., :n].transpose(1, 2), factors[..., n:])  # (G, N, 2D)
+        left = torch.stack([left for left, _ in pairs], dim=1)  # (G, uses, N): stacking on dim 2 copies slowly
+        right = torch.stack([right for _, right in pairs], dim=1)  # (G, uses, 2D)
+        dX = torch.bmm(left.transpose(1, 2), right)  # (G, N, 2D)
         layout = ctx.layout
         b, p, k, t_in, t_out, d = layout.shape
         # V's own strides, so that the backward of the vote einsum needs no copy
@@ -116,11 +116,11 @@ class CentredVotes(torch.autograd.Function):
 class ChildSum(torch.autograd.Function):
     """M-step contraction ``S[g] = sum_n w[g, n] X[g, n]``: (G, N) -> (G, 2D).
 
-    ``token``: this use's token from ``CentredVotes``; its gradient carries the factors of dL/dX.
+    ``tokens``: this use's pair from ``CentredVotes``; their gradients are the factors of dL/dX.
     """
 
     @staticmethod
-    def forward(ctx, X: torch.Tensor, token: torch.Tensor, w: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, X: torch.Tensor, token_n: torch.Tensor, token_2d: torch.Tensor, w: torch.Tensor):  # type: ignore[override]
         ctx.save_for_backward(X, w)
         return torch.bmm(w.unsqueeze(1), X).squeeze(1)  # (G, 1, N) @ (G, N, 2D) -> (G, 2D)
 
@@ -129,16 +129,15 @@ class ChildSum(torch.autograd.Function):
     def backward(ctx, dS):  # type: ignore[override]
         X, w = ctx.saved_tensors
         # (G, 1, 2D) @ (G, 2D, N): reads X faster than (G, N, 2D) @ (G, 2D, 1)
-        dw = torch.bmm(dS.unsqueeze(1), X.transpose(1, 2)).squeeze(1) if ctx.needs_input_grad[2] else None  # (G, N)
-        factors = torch.cat([w, dS], dim=1) if ctx.needs_input_grad[1] else None  # dL/dX = w x dS
-        return None, factors, dw
+        dw = torch.bmm(dS.unsqueeze(1), X.transpose(1, 2)).squeeze(1) if ctx.needs_input_grad[3] else None  # (G, N)
+        return None, w, dS, dw  # dL/dX = w x dS
 
 
 class PoseSum(torch.autograd.Function):
     """E-step contraction ``q[g, n] = sum_h X[g, n, h] f[g, h]`` over the 2D elements: (G, 2D) -> (G, N)."""
 
     @staticmethod
-    def forward(ctx, X: torch.Tensor, token: torch.Tensor, f: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, X: torch.Tensor, token_n: torch.Tensor, token_2d: torch.Tensor, f: torch.Tensor):  # type: ignore[override]
         ctx.save_for_backward(X, f)
         return torch.bmm(f.unsqueeze(1), X.transpose(1, 2)).squeeze(1)  # (G, 1, 2D) @ (G, 2D, N) -> (G, N)
 
@@ -146,9 +145,8 @@ class PoseSum(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dq):  # type: ignore[override]
         X, f = ctx.saved_tensors
-        df = torch.bmm(dq.unsqueeze(1), X).squeeze(1) if ctx.needs_input_grad[2] else None  # (G, 2D)
-        factors = torch.cat([dq, f], dim=1) if ctx.needs_input_grad[1] else None  # dL/dX = dq x f
-        return None, factors, df
+        df = torch.bmm(dq.unsqueeze(1), X).squeeze(1) if ctx.needs_input_grad[3] else None  # (G, 2D)
+        return None, dq, f, df  # dL/dX = dq x f
 
 
 def initial_assignments(shape: torch.Size, child_index: torch.Tensor | None, num_children: int | None, like: torch.Tensor) -> torch.Tensor:
@@ -162,7 +160,7 @@ def initial_assignments(shape: torch.Size, child_index: torch.Tensor | None, num
 
 
 def m_step(
-    R: torch.Tensor, a_in: torch.Tensor, X: torch.Tensor, c: torch.Tensor, token: torch.Tensor, *,
+    R: torch.Tensor, a_in: torch.Tensor, X: torch.Tensor, c: torch.Tensor, tokens: Sequence[torch.Tensor], *,
     beta_u: torch.Tensor, beta_a: torch.Tensor, lambda_: float, var_floor: float, eps: float,
 ) -> tuple[torch.Tensor, ...]:
     """Procedure 1, M-step for every parent j, from the centred votes X = [V' | V'^2].
@@ -174,7 +172,7 @@ def m_step(
     sum_R = R.sum(dim=(3, 4))  # sum_i R_ij, (B, P, T_out)
     R_norm = R / (sum_R[..., None, None] + eps)  # eps keeps empty parents finite
     mass = (sum_R / (sum_R + eps))[..., None]  # sum_i R_norm_ij: 1, or 0 for an empty parent, (B, P, T_out, 1)
-    E_c, E_sq = ChildSum.apply(X, token, R_norm.reshape(b * p * t_out, -1)).view(b, p, t_out, 2, -1).unbind(3)
+    E_c, E_sq = ChildSum.apply(X, *tokens, R_norm.reshape(b * p * t_out, -1)).view(b, p, t_out, 2, -1).unbind(3)
     # exact for any constant c: mu = sum_i R_norm V = mass c + E[V'], and
     # sigma_sq = sum_i R_norm (V' - (mu - c))^2 = E[V'^2] - 2 (mu - c) E[V'] + mass (mu - c)^2
     mu_c = E_c - (1 - mass) * c  # mu_j - c_j
@@ -203,7 +201,7 @@ def normalise_over_parents(logits: torch.Tensor, child_index: torch.Tensor | Non
 
 
 def e_step(
-    X: torch.Tensor, token: torch.Tensor, mu_c: torch.Tensor, sigma_sq: torch.Tensor, log_a_out: torch.Tensor,
+    X: torch.Tensor, tokens: Sequence[torch.Tensor], mu_c: torch.Tensor, sigma_sq: torch.Tensor, log_a_out: torch.Tensor,
     child_index: torch.Tensor | None, num_children: int | None, k: int,
 ) -> torch.Tensor:
     """Procedure 1, E-step for every child i: ``R_ij = a_j p_ij / sum_k a_k p_ik`` in the log domain.
@@ -214,7 +212,7 @@ def e_step(
     b, p, t_out, _ = mu_c.shape
     inv_var = 1.0 / sigma_sq  # (B, P, T_out, D)
     f = torch.cat([-2.0 * mu_c * inv_var, inv_var], dim=-1).view(b * p * t_out, -1)  # (G, 2D), matches [V' | V'^2]
-    mahalanobis = PoseSum.apply(X, token, f).view(b, p, t_out, k, -1)  # minus the per-parent constant
+    mahalanobis = PoseSum.apply(X, *tokens, f).view(b, p, t_out, k, -1)  # minus the per-parent constant
     # log p_ij = sum_h log N(V_ij^h; mu_j^h, sigma_j^h); the parent's terms broadcast over its children
     per_parent = (mu_c**2 * inv_var + torch.log(2 * math.pi * sigma_sq)).sum(dim=-1)  # (B, P, T_out)
     log_p = -0.5 * (mahalanobis + per_parent[..., None, None])
@@ -251,15 +249,15 @@ def em_routing(
         V = V.to(dtype)
         a_in, beta_u, beta_a = (x.to(moment_dtype) for x in (a_in, beta_u, beta_a))
         b, p, k, t_in, t_out = V.shape[:5]
-        X, c, *tokens = CentredVotes.apply(V, 2 * len(lambdas) - 1, moment_dtype)  # one token per contraction of X
+        X, c, *tokens = CentredVotes.apply(V, 2 * len(lambdas) - 1, moment_dtype)  # two per contraction of X
         a_in = a_in[:, :, None]  # (B, P, 1, K, T_in)
         R = initial_assignments(torch.Size((b, p, t_out, k, t_in)), child_index, num_children, like=X)
         for t, lambda_ in enumerate(lambdas):
             mu, sigma_sq, mu_c, a_out, log_a_out = m_step(
-                R, a_in, X, c, tokens[2 * t], beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, var_floor=var_floor, eps=eps
+                R, a_in, X, c, tokens[4 * t:4 * t + 2], beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, var_floor=var_floor, eps=eps
             )
             if t < len(lambdas) - 1:
-                R = e_step(X, tokens[2 * t + 1], mu_c, sigma_sq, log_a_out, child_index, num_children, k)
+                R = e_step(X, tokens[4 * t + 2:4 * t + 4], mu_c, sigma_sq, log_a_out, child_index, num_children, k)
     result = (mu, sigma_sq, a_out, R.permute(0, 1, 3, 4, 2))  # R back to (B, P, K, T_in, T_out)
     return EMRoutingResult(*(x.to(dtype) for x in result))
 
@@ -272,7 +270,7 @@ class EMRouting(nn.Module):
 
     def __init__(
         self, *, out_types: int, iterations: int = 3, lambda_schedule: str = "official", lambda_value: float = 0.01,
-        lambda_scale: float = 1.0, var_floor: float = 0.0005, eps: float = 1e-8, moment_dtype: str = "float32",
+        lambda_scale: float = 1.0, var_floor: float = 0.0005, eps: float = 1e-8, moment_dtype: str = "float64",
         layer: str = "EMRouting",
     ) -> None:
         super().__init__()
