@@ -16,9 +16,25 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from capsnets.data.transforms import random_shift
+from capsnets.errors import ConfigError
 from capsnets.utils.validation import require_int
 
-__all__ = ["ImageClassificationDataModule", "TensorPairDataset"]
+__all__ = ["ImageClassificationDataModule", "TensorPairDataset", "seeded_split"]
+
+
+def seeded_split(n: int, val_size: int, seed: int, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out ``val_size`` of ``n`` training rows, reproducibly from ``seed`` (data.split_seed).
+
+    Returns (fit indices, val indices), each sorted. ``source`` names the training data in the
+    error raised when ``val_size`` leaves nothing to train on.
+    """
+    if val_size >= n:
+        raise ConfigError(
+            f"data.val_size must be < the {n} training images in {source}, got {val_size}. "
+            f"Fix: pass data.val_size=<0..{n - 1}>."
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (N,)
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
 class TensorPairDataset(Dataset):

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset
+from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset, seeded_split
 from capsnets.data.idx import read_idx
 from capsnets.errors import ConfigError, DataError
 from capsnets.utils.validation import require_int
@@ -202,14 +202,7 @@ class MNISTDataModule(ImageClassificationDataModule):
             raise self._missing_files_error()
         if need_fit:
             images, labels = self._load_pair(files["train_images"], files["train_labels"])
-            n = labels.shape[0]
-            if self.val_size >= n:
-                raise ConfigError(
-                    f"data.val_size must be < the {n} training images in {files['train_images']}, got {self.val_size}. "
-                    f"Fix: pass data.val_size=<0..{n - 1}>."
-                )
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))  # (N,)
-            val_idx, train_idx = perm[: self.val_size].sort().values, perm[self.val_size :].sort().values
+            train_idx, val_idx = seeded_split(labels.shape[0], self.val_size, self.split_seed, source=str(files["train_images"]))
             self.data_train = TensorPairDataset(images[train_idx], labels[train_idx])
             self.data_val = TensorPairDataset(images[val_idx], labels[val_idx])
         if need_test:

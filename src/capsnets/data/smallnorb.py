@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset
+from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset, seeded_split
 from capsnets.data.norb import INFO_LIMITS, NUM_CATEGORIES, preprocess_smallnorb
 from capsnets.errors import ConfigError, DataError
 from capsnets.utils.validation import require_choice, require_int, require_range
@@ -312,14 +312,10 @@ class SmallNORBDataModule(ImageClassificationDataModule):
         test_rows = viewpoint_mask(test["info"], self.split, train=False).nonzero().squeeze(1)  # (N_test,)
         self._check_disjoint(example_keys(train, train_rows), example_keys(test, test_rows), files)
         if need_fit:
-            n = train_rows.shape[0]
-            if self.val_size >= n:
-                raise ConfigError(
-                    f"data.val_size must be < the {n} training images of data.split={self.split}, got {self.val_size}."
-                )
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))  # (N_train,)
-            val_rows = train_rows[perm[: self.val_size].sort().values]
-            fit_rows = train_rows[perm[self.val_size :].sort().values]
+            fit_idx, val_idx = seeded_split(
+                train_rows.shape[0], self.val_size, self.split_seed, source=f"data.split={self.split} of the training files"
+            )
+            fit_rows, val_rows = train_rows[fit_idx], train_rows[val_idx]
             self.data_train, self.info_train = self._dataset(train, fit_rows), train["info"][fit_rows]
             self.data_val, self.info_val = self._dataset(train, val_rows), train["info"][val_rows]
         if need_test:
