@@ -48,3 +48,16 @@ def test_state_dict_round_trip_keeps_planned_ramp():
 def test_bad_values_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=f"model.loss.margin_schedule.{key}"):
         SpreadMarginSchedule(**kwargs)
+
+
+def test_unbounded_run_without_ramp_samples_fails_with_fix():
+    from types import SimpleNamespace
+
+    cb = SpreadMarginSchedule(schedule="linear", ramp_samples=None)
+    trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))
+    module = SimpleNamespace(effective_batch_size=lambda: 64)
+    with pytest.raises(ConfigError, match="model.loss.margin_schedule.ramp_samples"):
+        cb.on_fit_start(trainer, module)
+    bounded = SpreadMarginSchedule(schedule="linear", ramp_samples=None)
+    bounded.on_fit_start(SimpleNamespace(estimated_stepping_batches=10), module)
+    assert bounded.ramp_samples == 640

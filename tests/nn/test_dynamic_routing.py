@@ -126,3 +126,8 @@ def test_routing_stays_float32_under_autocast():
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         v = layer(torch.randn(2, 6, 4).to(torch.bfloat16))
     assert v.dtype == torch.float32 and layer.last_couplings.dtype == torch.float32
+
+
+def test_routing_layer_in_float64():
+    layer = RoutingCapsules(in_caps=6, in_dim=4, out_caps=3, out_dim=5).double()
+    assert layer(torch.randn(2, 6, 4, dtype=torch.float64)).dtype == torch.float64

@@ -14,6 +14,7 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
+from capsnets.errors import ConfigError
 from capsnets.utils.validation import require_choice, require_positive, require_range
 
 SCHEDULES = ("linear", "sigmoid", "constant")
@@ -81,7 +82,14 @@ class SpreadMarginSchedule(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule == "linear" and self.ramp_samples is None:
             # the planned length of the whole run, in samples (kept in the state_dict for resumes)
-            self.ramp_samples = float(max(trainer.estimated_stepping_batches, 1) * pl_module.effective_batch_size())
+            planned = float(max(trainer.estimated_stepping_batches, 1) * pl_module.effective_batch_size())
+            if not math.isfinite(planned):
+                raise ConfigError(
+                    "model.loss.margin_schedule.ramp_samples=null ramps the margin over the planned run, but this run "
+                    "has no end (trainer.max_epochs=-1 and no max_steps). Fix: set model.loss.margin_schedule.ramp_samples "
+                    "to a number of samples, or bound the run."
+                )
+            self.ramp_samples = planned
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         m = self.margin(pl_module.samples_seen)

@@ -75,7 +75,8 @@ class RoutingCapsules(nn.Module):
         # Routing runs in float32 even under mixed precision: softmax/squash of many small
         # agreements lose too much in bf16/fp16.
         with torch.autocast(device_type=u.device.type, enabled=False):
-            u_hat = self.predictions(u.float())  # (B, N_in, N_out, D_out)
+            dtype = torch.promote_types(torch.promote_types(u.dtype, self.weight.dtype), torch.float32)
+            u_hat = torch.einsum("ijdk,bik->bijd", self.weight.to(dtype), u.to(dtype))  # (B, N_in, N_out, D_out)
             v, c = dynamic_routing(u_hat, iterations=self.iterations, detach_inner=self.detach_inner)
         self.last_couplings = c.detach()
         return v
