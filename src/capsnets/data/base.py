@@ -107,6 +107,39 @@ class ImageClassificationDataModule(LightningDataModule):
         self.data_val: TensorPairDataset | None = None
         self.data_test: TensorPairDataset | None = None
 
+    # --- datasets read from files (MNIST, smallNORB): find -> download -> clear error ------
+    def find_files(self) -> Any:
+        """The dataset's files if all are present, else None (file-backed subclasses)."""
+        raise NotImplementedError
+
+    def _download(self) -> None:
+        raise NotImplementedError
+
+    def _missing_files_error(self, download_error: BaseException | None = None) -> Exception:
+        raise NotImplementedError
+
+    def require_files(self, *, download: bool) -> Any:
+        """``find_files()``, downloading first when allowed; a DataError naming the files and fixes otherwise."""
+        files = self.find_files()
+        if files is not None:
+            return files
+        download_error: BaseException | None = None
+        if download:
+            try:
+                self._download()
+            except Exception as err:  # noqa: BLE001 - any network/HTTP/IO failure ends in the same DataError
+                download_error = err
+        files = self.find_files()
+        if files is None:
+            raise self._missing_files_error(download_error)
+        return files
+
+    def stages_to_load(self, stage: str | None) -> tuple[bool, bool]:
+        """(fit/validate data needed, test/predict data needed) for ``setup(stage)``, skipping loaded ones."""
+        need_fit = stage in (None, "fit", "validate") and self.data_train is None
+        need_test = stage in (None, "test", "predict") and self.data_test is None
+        return need_fit, need_test
+
     def _loader(self, dataset: TensorPairDataset | None, *, shuffle: bool, split: str) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.{split}_dataloader() called before setup().")

@@ -180,26 +180,14 @@ class MNISTDataModule(ImageClassificationDataModule):
     # ----------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
         """Download with torchvision if the files are found nowhere (rank 0 only, per Lightning)."""
-        if self.find_files() is not None:
-            return
-        download_error: BaseException | None = None
-        if self.download:
-            try:
-                self._download()
-            except Exception as err:  # noqa: BLE001 - any network/HTTP/IO failure ends in the same DataError
-                download_error = err
-        if self.find_files() is None:
-            raise self._missing_files_error(download_error)
+        self.require_files(download=self.download)
 
     def setup(self, stage: str | None = None) -> None:
         """Read the IDX files once into memory; split train/val with ``split_seed``; test = t10k."""
-        need_fit = stage in (None, "fit", "validate") and self.data_train is None
-        need_test = stage in (None, "test", "predict") and self.data_test is None
+        need_fit, need_test = self.stages_to_load(stage)
         if not (need_fit or need_test):
             return
-        files = self.find_files()
-        if files is None:
-            raise self._missing_files_error()
+        files = self.require_files(download=False)
         if need_fit:
             images, labels = self._load_pair(files["train_images"], files["train_labels"])
             train_idx, val_idx = seeded_split(labels.shape[0], self.val_size, self.split_seed, source=str(files["train_images"]))

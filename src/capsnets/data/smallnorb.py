@@ -286,27 +286,16 @@ class SmallNORBDataModule(ImageClassificationDataModule):
     # ----------------------------------------------------------------- Lightning hooks
     def prepare_data(self) -> None:
         """Download the files if absent, then build both caches (one process per node, per Lightning)."""
-        download_error: BaseException | None = None
-        if self.find_files() is None and self.download:
-            try:
-                self._download()
-            except Exception as err:  # noqa: BLE001 - any network/HTTP/IO failure ends in the same DataError
-                download_error = err
-        files = self.find_files()
-        if files is None:
-            raise self._missing_files_error(download_error)
+        files = self.require_files(download=self.download)
         for part in PART_PREFIXES:
             self.load_part(part, files[part])
 
     def setup(self, stage: str | None = None) -> None:
         """Select the split's rows, check that train and test share no example, hold out ``val_size`` (seeded)."""
-        need_fit = stage in (None, "fit", "validate") and self.data_train is None
-        need_test = stage in (None, "test", "predict") and self.data_test is None
+        need_fit, need_test = self.stages_to_load(stage)
         if not (need_fit or need_test):
             return
-        files = self.find_files()
-        if files is None:
-            raise self._missing_files_error()
+        files = self.require_files(download=False)
         train, test = self.load_part("training", files["training"]), self.load_part("testing", files["testing"])
         train_rows = viewpoint_mask(train["info"], self.split, train=True).nonzero().squeeze(1)  # (N_train,)
         test_rows = viewpoint_mask(test["info"], self.split, train=False).nonzero().squeeze(1)  # (N_test,)
