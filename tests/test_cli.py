@@ -130,3 +130,13 @@ def test_debug_modes_and_loggers(cli, tmp_path, extra, produced):
         assert not (tmp_path / "dbg" / "checkpoints").exists()
     else:
         assert list((tmp_path / "dbg").glob(produced)), sorted(str(p) for p in (tmp_path / "dbg").rglob("*"))
+
+
+@pytest.mark.parametrize("model", ["cnn_sabour2017", "cnn_hinton2018", "em_caps_small"])
+def test_every_other_model_runs_through_the_cli(cli, tmp_path, model):
+    proc = cli(
+        "train.py", f"model={model}", "data=synthetic", "debug=fdr", "data.batch_size=8",
+        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test/acc" in proc.stdout
