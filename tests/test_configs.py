@@ -50,3 +50,55 @@ def test_every_option_composes(group):
     for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
         cfg = compose_train([f"{group}={option}"])
         assert cfg.trainer._target_ == "lightning.Trainer", option
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+HINTON_ROWS = sorted(p.stem for p in (CONFIG_DIR / "hinton2018_row").glob("*.yaml"))
+
+
+def test_all_paper_presets_exist():
+    assert set(EXPERIMENTS) == {
+        "sabour2017_mnist", "sabour2017_table1", "hinton2018_smallnorb", "hinton2018_table1",
+        "hinton2018_novel_azimuth", "hinton2018_novel_elevation",
+    }
+    assert len(HINTON_ROWS) == 8
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.task_name == experiment and cfg.paper.metric == "test/acc"
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    assert isinstance(module, LightningModule) and isinstance(dm, LightningDataModule)
+    if experiment.startswith("hinton2018"):
+        assert cfg.model._target_.endswith("EMCapsModule") and cfg.data.num_classes == 5
+    if experiment.endswith("table1"):
+        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweeper.params
+    split = {"hinton2018_novel_azimuth": "azimuth", "hinton2018_novel_elevation": "elevation"}.get(experiment)
+    if split:
+        assert cfg.data.split == split
+
+
+def test_sabour_table1_sweeps_the_papers_grid():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=sabour2017_table1"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["model.net.routing_iterations"] == "1,3" and params["seed"] == "1,2,3"
+    assert params["model.net.reconstruction"] == "false,true"
+
+
+@pytest.mark.parametrize("row", HINTON_ROWS)
+def test_every_hinton_table1_row_composes_with_its_target(row):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=hinton2018_table1", f"+hinton2018_row={row}"])
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert 0.9 < cfg.paper.target < 0.99
+    if row.startswith("iterations_"):
+        assert module.net.caps1.routing.iterations == int(row.split("_")[1])
+    expected = {"vector_pose": ("pose", "vector"), "no_coordinate_addition": ("coordinate_addition", False)}.get(row)
+    if expected:
+        assert cfg.model.net[expected[0]] == expected[1]
+    if row.endswith("_loss"):
+        assert module.loss_name == row.removesuffix("_loss")
