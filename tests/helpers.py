@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from capsnets.data import write_norb
@@ -76,3 +77,31 @@ def write_fake_smallnorb(data_dir: Path, *, gz: bool = True, seed: int = 0) -> d
         for kind, tensor in zip(("dat", "cat", "info"), parts[part]):
             write_norb(folder / f"{PREFIX[part]}-{kind}.mat{'.gz' if gz else ''}", tensor)
     return parts
+
+
+class Probe(L.LightningModule):
+    """Linear classifier that records what each stage receives, ``seen[stage] = (shape[1:], dtype, min, max)``;
+    multi-crop batches (B, n, C, S, S) are scored per crop and averaged over dim 1."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(in_features, num_classes)
+        self.seen: dict[str, tuple[tuple[int, ...], torch.dtype, float, float]] = {}
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        self.seen[stage] = (tuple(x.shape[1:]), x.dtype, x.min().item(), x.max().item())
+        scores = self.fc(x.flatten(-3))  # (B, K) or (B, n, K)
+        return torch.nn.functional.cross_entropy(scores if scores.dim() == 2 else scores.mean(1), y)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)

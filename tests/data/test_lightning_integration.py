@@ -10,32 +10,7 @@ from omegaconf import OmegaConf
 
 from capsnets.data import MNISTDataModule, SyntheticDataModule
 
-
-class Probe(L.LightningModule):
-    """Linear classifier that records what each stage receives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(28 * 28, 10)
-        self.seen: dict[str, tuple[torch.dtype, float, float]] = {}
-
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
-        self.seen[stage] = (x.dtype, x.min().item(), x.max().item())
-        return torch.nn.functional.cross_entropy(self.fc(x.flatten(1)), y)
-
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
+from helpers import Probe
 
 def trainer(tmp_path: Path) -> L.Trainer:
     return L.Trainer(default_root_dir=tmp_path, max_steps=2, limit_val_batches=1, limit_test_batches=1, accelerator="cpu",
@@ -45,11 +20,11 @@ def trainer(tmp_path: Path) -> L.Trainer:
 def test_fit_test_and_checkpoint(mnist_root: Path, tmp_path: Path) -> None:
     dm = MNISTDataModule(data_dir=str(mnist_root), val_size=10, batch_size=8, download=False,
                          search_dirs=OmegaConf.create(["package:mnist_sample"]))
-    model, t = Probe(), trainer(tmp_path)
+    model, t = Probe(28 * 28, 10), trainer(tmp_path)
     t.fit(model, datamodule=dm)
     t.test(model, datamodule=dm, verbose=False)
     for stage in ("train", "val", "test"):
-        dtype, low, high = model.seen[stage]
+        _, dtype, low, high = model.seen[stage]
         assert dtype == torch.float32 and 0.0 <= low and high <= 1.0
     t.save_checkpoint(tmp_path / "probe.ckpt")
     ckpt = torch.load(tmp_path / "probe.ckpt", weights_only=True)
@@ -57,6 +32,6 @@ def test_fit_test_and_checkpoint(mnist_root: Path, tmp_path: Path) -> None:
 
 
 def test_synthetic_fit(tmp_path: Path) -> None:
-    model = Probe()
+    model = Probe(28 * 28, 10)
     trainer(tmp_path).fit(model, datamodule=SyntheticDataModule(shift_pixels=1))
-    assert model.seen["train"][0] == torch.float32
+    assert model.seen["train"][1] == torch.float32

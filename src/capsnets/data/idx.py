@@ -112,11 +112,15 @@ def write_idx(path: str | Path, values: torch.Tensor | np.ndarray | Any) -> Path
             raise ValueError(f"write_idx writes unsigned bytes; the {array.dtype} values are not all integers 0..255.")
         array = array.astype(np.uint8)
     header = struct.pack(f">i{array.ndim}i", (IDX_UBYTE << 8) | array.ndim, *array.shape)
-    payload = header + np.ascontiguousarray(array).tobytes()
+    return write_payload(path, header + np.ascontiguousarray(array).tobytes(), compresslevel=9)
+
+
+def write_payload(path: Path, payload: bytes, *, compresslevel: int) -> Path:
+    """Write ``payload`` to ``path``, gzipped when it ends in .gz, reproducibly (no timestamp in the header)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gz":
         buffer = io.BytesIO()
-        with gzip.GzipFile(filename=path.stem, mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as gz:
+        with gzip.GzipFile(filename=path.stem, mode="wb", fileobj=buffer, compresslevel=compresslevel, mtime=0) as gz:
             gz.write(payload)
         payload = buffer.getvalue()
     path.write_bytes(payload)

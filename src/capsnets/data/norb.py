@@ -18,7 +18,6 @@ part into the tensors of Hinton, Sabour & Frosst (2018), "Experiments": 48x48, s
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import struct
 import zlib
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from capsnets.data.idx import write_payload
 from capsnets.errors import DataError
 
 __all__ = [
@@ -187,15 +187,7 @@ def write_norb(path: str | Path, values: torch.Tensor | np.ndarray | Any) -> Pat
         raise ValueError(f"write_norb supports {[d.name for d in NORB_MAGIC.values()]}, got {array.dtype}.")
     dims = list(array.shape) + [1] * (3 - array.ndim)  # unused trailing dims are 1
     header = struct.pack(f"<2i{len(dims)}i", _MAGIC_OF[dtype], array.ndim, *dims)
-    payload = header + np.ascontiguousarray(array, dtype=dtype).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        buffer = io.BytesIO()
-        with gzip.GzipFile(filename=path.stem, mode="wb", fileobj=buffer, compresslevel=6, mtime=0) as gz:
-            gz.write(payload)
-        payload = buffer.getvalue()
-    path.write_bytes(payload)
-    return path
+    return write_payload(path, header + np.ascontiguousarray(array, dtype=dtype).tobytes(), compresslevel=6)
 
 
 def standardize_images(x: torch.Tensor) -> torch.Tensor:
