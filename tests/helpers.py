@@ -26,9 +26,21 @@ SMALL_DR_CAPS = [
 ]
 
 
-def run_cli(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python <script> overrides...`` exactly as a user would, returning the finished process."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
+def hermetic_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI test: no W&B credentials or mode from the developer's shell (so runs
+    go offline under the test's tmp dir, never online), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"NETRC": os.devnull, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "COLUMNS": "200"})
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python <script> overrides...`` exactly as a user would, returning the finished process.
+    ``env``: extra environment variables (e.g. ``{"WANDB_MODE": "disabled"}``)."""
+    env = hermetic_env(**(env or {}))
     return subprocess.run(
         [sys.executable, str(ROOT / script), *overrides],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,

@@ -140,17 +140,3 @@ def test_every_other_model_runs_through_the_cli(cli, tmp_path, model):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test/acc" in proc.stdout
-
-
-def test_two_job_multirun_writes_one_folder_per_job_in_one_sweep_folder(cli, tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = cli(
-        "train.py", "-m", "data=synthetic", *SMALL_DR_CAPS, "trainer=cpu", "trainer.max_epochs=1",
-        "data.num_train=64", "data.num_val=32", "data.num_test=32", "seed=1,2",
-        f"paths.log_dir={tmp_path}", f"hydra.sweep.dir={sweep}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for job in ("0", "1"):
-        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
-        assert 0.0 <= last_metric(sweep / job, "test/acc") <= 1.0
-    assert (sweep / "1" / ".hydra" / "overrides.yaml").read_text().count("seed=2") == 1

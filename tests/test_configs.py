@@ -8,6 +8,7 @@ import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 from lightning import LightningDataModule, LightningModule
+from omegaconf import OmegaConf
 
 from capsnets.utils.resolvers import CONFIG_DIR
 
@@ -102,3 +103,30 @@ def test_every_hinton_table1_row_composes_with_its_target(row):
         assert cfg.model.net[expected[0]] == expected[1]
     if row.endswith("_loss"):
         assert module.loss_name == row.removesuffix("_loss")
+
+
+SEARCHES = sorted(p.stem for p in (CONFIG_DIR / "hparams_search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_optuna_searches_compose_with_the_optuna_sweeper_and_valid_params(search):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    assert cfg.optimized_metric == "val/acc" and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    for key in cfg.hydra.sweeper.params:  # every searched key exists in the composed config
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key
+    hydra.utils.instantiate(cfg.model, _convert_="all")
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "slurm", "submitit_local"])
+def test_launchers_compose(launcher):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=4"],
+                      return_hydra_config=True)
+    assert launcher.split("_")[0] in cfg.hydra.launcher._target_.lower() or launcher == "slurm"
+    if launcher == "slurm":
+        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+        # one task per GPU, so Lightning's DDP maps SLURM tasks to ranks
+        assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
+        assert cfg.hydra.launcher.nodes == 1

@@ -7,6 +7,7 @@ checkpoint and returns ``cfg.optimized_metric`` for sweepers.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import hydra
 import torch
 from lightning import seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from omegaconf import DictConfig
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
 from capsnets.utils.instantiate import (
     check_ckpt_path,
@@ -27,6 +29,7 @@ from capsnets.utils.instantiate import (
     resolved_config,
 )
 from capsnets.utils.resolvers import CONFIG_DIR
+from capsnets.utils.wandb_logger import finish_loggers
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers and any(isinstance(cb, LearningRateMonitor) for cb in callbacks):
         log.info("logger=none: the learning-rate monitor has nowhere to log and is left out.")
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    failed = True
+    try:
+        metrics = _fit_and_test(cfg, datamodule, model, callbacks, loggers, ckpt_path)
+        failed = False
+    finally:
+        finish_loggers(loggers, failed=failed)
+    return metrics
+
+
+def _fit_and_test(cfg: DictConfig, datamodule: Any, model: Any, callbacks: list, loggers: list, ckpt_path: str | None) -> dict[str, float]:
     trainer = instantiate_trainer(cfg.trainer, callbacks, loggers)
     for logger in loggers:
         logger.log_hyperparams(resolved_config(cfg))
@@ -68,13 +81,64 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(_scalar_metrics(trainer.callback_metrics))
 
     _print_summary(cfg, trainer, metrics)
+    if trainer.is_global_zero:
+        write_metrics_json(cfg, metrics)
     return metrics
+
+
+def _job_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def paper_reference(cfg: DictConfig) -> dict[str, Any] | None:
+    """The preset's ``paper`` block for this job: ``{metric, target, source}``. A sweep preset whose
+    rows differ in target lists them as ``paper.targets: [{when: {dotted.key: value}, target: x}]``;
+    the first entry whose keys all match this job's config gives ``target``."""
+    paper = cfg.get("paper")
+    if paper is None:
+        return None
+    ref = OmegaConf.to_container(paper, resolve=True)
+    assert isinstance(ref, dict)
+    rows = ref.pop("targets", None) or []
+    if ref.get("target") is None:
+        for row in rows:
+            if all(OmegaConf.select(cfg, key) == value for key, value in row["when"].items()):
+                ref["target"] = row["target"]
+                break
+    return ref
+
+
+def write_metrics_json(cfg: DictConfig, metrics: dict[str, float]) -> Path:
+    """``<run dir>/metrics.json``: the job's overrides, seed, final metrics and the paper target the
+    preset names. ``scripts/summarize.py`` builds its tables from these files (no W&B needed)."""
+    paper = paper_reference(cfg)
+    name = cfg.get("optimized_metric")
+    record = {
+        "task_name": cfg.get("task_name"),
+        "overrides": _job_overrides(),
+        "seed": cfg.get("seed"),
+        "optimized_metric": name,
+        "optimized_value": metrics.get(name) if name else None,
+        "metrics": dict(sorted(metrics.items())),
+        "paper": paper,
+    }
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def _print_summary(cfg: DictConfig, trainer: Any, metrics: dict[str, float]) -> None:
     lines = [f"Run directory: {cfg.paths.output_dir}"]
     for logger in trainer.loggers:
-        lines.append(f"{type(logger).__name__}: {logger.log_dir}")
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            where = getattr(run, "url", None) or (Path(run.dir).parent if getattr(run, "dir", None) else None)
+            lines.append(f"W&B ({run.settings.mode}): {where}")
+        else:
+            lines.append(f"{type(logger).__name__}: {logger.log_dir}")
     for cb in trainer.checkpoint_callbacks:
         if getattr(cb, "best_model_path", ""):
             # (ddp_spawn hands back the path but not the score to the launching process)
