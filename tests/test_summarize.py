@@ -1,0 +1,224 @@
+"""scripts/summarize.py on fake sweep folders in the format train.py writes (no training)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from helpers import ROOT, run_cli
+
+SCRIPT = "scripts/summarize.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_script() -> Any:
+    spec = importlib.util.spec_from_file_location("capsnets_scripts_summarize", ROOT / SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+summarize = _load_script()
+
+
+def write_job(sweep: Path, num: int, overrides: list[str], metrics: dict[str, float] | None,
+              paper: dict[str, Any] | None = None, seed: int | None = None, task_name: str = "fake_sweep") -> Path:
+    """One job folder as Hydra + train.py leave it; ``metrics=None``: the job did not finish."""
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task_name": task_name, "seed": seed}))
+    if metrics is not None:
+        record = {
+            "task_name": task_name, "overrides": overrides, "seed": seed,
+            "optimized_metric": "val/acc", "optimized_value": metrics.get("val/acc"),
+            "metrics": metrics, "paper": paper,
+        }
+        (job / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    return job
+
+
+def make_sweep(root: Path, configs: dict[tuple[str, ...], list[float | None]], *, seeds: tuple[int, ...] = (1, 2, 3),
+               paper: dict[tuple[str, ...], dict[str, Any]] | None = None) -> tuple[Path, dict[tuple[str, ...], list[dict]]]:
+    """A multirun folder with one job per (configuration, seed), the sweeper's order (seed innermost).
+    ``configs[c][i]`` is the test/acc of seed i (None: job unfinished); other metrics derive from it."""
+    sweep = root / "outputs" / "fake_sweep" / "multiruns" / "2025-01-31_12-00-00"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"mode": "MULTIRUN"}}))
+    per_config: dict[tuple[str, ...], list[dict]] = {}
+    num = 0
+    for config, accs in configs.items():
+        per_config[config] = []
+        for seed, acc in zip(seeds, accs):
+            metrics = None
+            if acc is not None:
+                metrics = {"test/acc": acc, "test/loss": 1.0 - acc + 0.01 * seed, "val/acc": acc + 0.001,
+                           "val/loss": 0.3, "train/loss": 0.4}
+                per_config[config].append(metrics)
+            write_job(sweep, num, [*config, f"seed={seed}"], metrics, (paper or {}).get(config), seed)
+            num += 1
+    return sweep, per_config
+
+
+DR = ("model=dr_caps",)
+DR_FASHION = ("model=dr_caps", "data=fashion_mnist")
+PAPER = {"metric": "test/acc", "target": 0.903, "source": "Hinton et al. 2018, Table 1"}
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> tuple[Path, dict[tuple[str, ...], list[dict]]]:
+    return make_sweep(tmp_path, {DR: [0.81, 0.83, 0.86], DR_FASHION: [0.70, 0.74, 0.71]}, paper={DR: PAPER})
+
+
+def test_mean_std_per_configuration_equal_numpy(sweep) -> None:
+    sweep_dir, per_config = sweep
+    result = summarize.summarize(sweep_dir)
+    assert [r.overrides for r in result.rows] == [list(DR), list(DR_FASHION)]  # seeds aggregated, data splits
+    assert result.metrics == ["test/acc", "test/loss"]
+    for row, config in zip(result.rows, (DR, DR_FASHION)):
+        assert len(row.finished) == 3 and row.seeds == [1, 2, 3]
+        for metric in ("test/acc", "test/loss"):
+            values = [m[metric] for m in per_config[config]]
+            assert row.stats[metric].mean == pytest.approx(np.mean(values), rel=1e-15, abs=0)
+            assert row.stats[metric].std == pytest.approx(np.std(values, ddof=1), rel=1e-15, abs=0)
+    assert result.common == ["model=dr_caps"]
+    assert [r.label for r in result.rows] == ["(common overrides only)", "data=fashion_mnist"]
+
+
+def test_paper_target_and_difference(sweep) -> None:
+    result = summarize.summarize(sweep[0])
+    dr, fashion = result.rows
+    assert dr.paper_target == 0.903 and dr.paper_metric == "test/acc"
+    assert dr.paper_diff == pytest.approx(np.mean([0.81, 0.83, 0.86]) - 0.903)
+    assert fashion.paper is None and fashion.paper_diff is None
+    table = summarize.render_table(result)
+    assert "| paper test/acc | Δ |" in table
+    assert f"{np.mean([0.81, 0.83, 0.86]) * 100:.2f} ± {np.std([0.81, 0.83, 0.86], ddof=1) * 100:.2f}" in table
+    assert f"| 90.30 | {(np.mean([0.81, 0.83, 0.86]) - 0.903) * 100:+.2f} |" in table
+
+
+def test_cli_writes_markdown_csv_png(sweep, tmp_path: Path) -> None:
+    sweep_dir, per_config = sweep
+    proc = run_cli(SCRIPT, str(sweep_dir))
+    assert proc.returncode == 0, proc.stderr
+    accs = [m["test/acc"] for m in per_config[DR]]
+    row_text = f"{np.mean(accs) * 100:.2f} ± {np.std(accs, ddof=1) * 100:.2f}"
+    assert row_text in proc.stdout  # the table is printed
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert row_text in markdown and "Hinton et al. 2018, Table 1" in markdown and "summary.png" in markdown
+
+    with (sweep_dir / "summary.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["configuration"] for r in rows] == ["(common overrides only)", "data=fashion_mnist"]
+    for row, config in zip(rows, (DR, DR_FASHION)):
+        assert row["n"] == "3" and row["missing"] == "0" and row["seeds"] == "1 2 3"
+        for metric in ("test/acc", "test/loss"):
+            values = [m[metric] for m in per_config[config]]
+            assert float(row[f"{metric}_mean"]) == float(np.mean(values))  # full precision round trip
+            assert float(row[f"{metric}_std"]) == float(np.std(values, ddof=1))
+    assert float(rows[0]["paper_target"]) == 0.903 and rows[0]["paper_source"] == "Hinton et al. 2018, Table 1"
+    assert float(rows[0]["paper_diff"]) == float(np.mean(accs)) - 0.903
+    assert rows[1]["paper_target"] == "" and rows[1]["paper_diff"] == ""
+
+    png = (sweep_dir / "summary.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 1000
+
+    out = tmp_path / "elsewhere"
+    proc = run_cli(SCRIPT, str(sweep_dir), "--out", str(out), "--metric", "val/acc")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in out.iterdir()} == {"summary.md", "summary.csv", "summary.png"}
+    with (out / "summary.csv").open(newline="") as f:
+        assert float(next(csv.DictReader(f))["val/acc_mean"]) == float(np.mean([a + 0.001 for a in accs]))
+
+
+def test_unfinished_job_counted_not_fatal(tmp_path: Path) -> None:
+    sweep_dir, per_config = make_sweep(tmp_path, {DR: [0.81, None, 0.86], DR_FASHION: [0.70, 0.74, None]})
+    proc = run_cli(SCRIPT, str(sweep_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of 6 jobs have no metrics.json" in proc.stderr and "1/, 5/" in proc.stderr
+    result = summarize.summarize(sweep_dir)
+    assert [(len(r.finished), len(r.missing)) for r in result.rows] == [(2, 1), (2, 1)]
+    assert result.rows[0].stats["test/acc"].mean == pytest.approx(np.mean([0.81, 0.86]))
+    assert "| configuration | n | missing |" in proc.stdout
+    with (sweep_dir / "summary.csv").open(newline="") as f:
+        assert [(r["n"], r["missing"]) for r in csv.DictReader(f)] == [("2", "1"), ("2", "1")]
+
+
+def test_single_seed_has_no_std_and_paper_disagreement_warns(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    write_job(sweep_dir, 0, ["+hinton2018_row=iterations_1"], {"test/acc": 0.9}, PAPER, seed=42)
+    write_job(sweep_dir, 1, ["+hinton2018_row=iterations_3"], {"test/acc": 0.98}, {**PAPER, "target": 0.982}, seed=42)
+    write_job(sweep_dir, 2, ["+hinton2018_row=iterations_3", "seed=1"], {"test/acc": 0.97}, {**PAPER, "target": 0.5},
+              seed=1)
+    result = summarize.summarize(sweep_dir)
+    assert [r.label for r in result.rows] == ["+hinton2018_row=iterations_1", "+hinton2018_row=iterations_3"]
+    assert result.rows[0].stats["test/acc"].std is None
+    assert result.rows[1].paper_target == 0.982  # the first job's, with a warning
+    assert any("different paper targets" in w for w in result.warnings)
+    table = summarize.render_table(result)
+    assert "| `+hinton2018_row=iterations_1` | 1 | 90.00 ± – | 90.30 | -0.30 |" in table
+
+
+def test_ignore_and_group_by(tmp_path: Path) -> None:
+    configs = {("model.net.routing_iterations=1", "trainer=cpu"): [0.90, 0.92],
+               ("model.net.routing_iterations=3", "trainer=cpu"): [0.95, 0.96],
+               ("model.net.routing_iterations=1", "trainer=gpu"): [0.91, 0.93]}
+    sweep_dir, _ = make_sweep(tmp_path, configs, seeds=(1, 2))
+    assert len(summarize.summarize(sweep_dir).rows) == 3
+    by_ignore = summarize.summarize(sweep_dir, ignore=["trainer"])
+    by_group = summarize.summarize(sweep_dir, group_by=["model.net.routing_iterations"])
+    for result in (by_ignore, by_group):
+        assert [r.label for r in result.rows] == ["model.net.routing_iterations=1", "model.net.routing_iterations=3"]
+        assert result.rows[0].stats["test/acc"].mean == pytest.approx(np.mean([0.90, 0.92, 0.91, 0.93]))
+        assert summarize.numeric_axis(result.rows) == ("model.net.routing_iterations", [1.0, 3.0])
+    assert summarize.numeric_axis(summarize.summarize(sweep_dir).rows) is None  # two keys differ
+
+
+def test_line_plot_over_numeric_override(tmp_path: Path) -> None:
+    configs = {(f"model.net.routing_iterations={r}",): [0.9 + r / 100, 0.91 + r / 100] for r in (1, 2, 3, 5)}
+    sweep_dir, _ = make_sweep(tmp_path, configs, seeds=(1, 2))
+    result = summarize.summarize(sweep_dir)
+    assert summarize.numeric_axis(result.rows) == ("model.net.routing_iterations", [1.0, 2.0, 3.0, 5.0])
+    assert summarize.plot(result, tmp_path / "line.png")
+    assert (tmp_path / "line.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("case", ["missing", "not_multirun", "single_run", "no_finished", "unknown_metric"])
+def test_errors_exit_2_with_one_line(tmp_path: Path, case: str) -> None:
+    target, extra = tmp_path / "sweep", []
+    if case == "not_multirun":
+        (target / "0").mkdir(parents=True)  # numbered, but no .hydra/
+    elif case == "single_run":
+        (target / ".hydra").mkdir(parents=True)
+    elif case == "no_finished":
+        write_job(target, 0, ["seed=1"], None)
+        write_job(target, 1, ["seed=2"], None)
+    elif case == "unknown_metric":
+        write_job(target, 0, ["seed=1"], {"test/acc": 0.9})
+        extra = ["--metric", "test/acuracy"]
+    proc = run_cli(SCRIPT, str(target), *extra)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("summarize.py: error:"), proc.stderr
+    expected = {"missing": "does not exist", "not_multirun": "not a Hydra multirun folder",
+                "single_run": "single run's folder", "no_finished": "none of the 2 jobs",
+                "unknown_metric": "pass --metric with one of: test/acc"}[case]
+    assert expected in lines[0]
+    assert not (target / "summary.md").exists()
+
+
+def test_help_documents_options() -> None:
+    proc = run_cli(SCRIPT, "--help")
+    assert proc.returncode == 0
+    for option in ("SWEEP_DIR", "--out", "--metric", "--ignore", "--group-by", "summary.csv", "summary.png"):
+        assert option in proc.stdout
