@@ -17,9 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from capsnets.data.transforms import random_shift
 from capsnets.errors import ConfigError
-from capsnets.utils.validation import require_int
+from capsnets.utils.validation import require_choice, require_int
 
-__all__ = ["ImageClassificationDataModule", "TensorPairDataset", "seeded_split"]
+__all__ = ["EVAL_SPLITS", "ImageClassificationDataModule", "TensorPairDataset", "seeded_split"]
+
+EVAL_SPLITS = ("test", "val", "train")  # what the test/predict dataloaders may serve (eval.py split=)
 
 
 def seeded_split(n: int, val_size: int, seed: int, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +76,8 @@ class ImageClassificationDataModule(LightningDataModule):
     """Dataloaders and the device-side batch transform shared by every image DataModule.
 
     Subclasses fill ``data_train``, ``data_val`` and ``data_test`` (:class:`TensorPairDataset`
-    of uint8 images) in ``setup``.
+    of uint8 images) in ``setup``. The test and predict dataloaders serve the test split unless
+    :meth:`set_eval_split` picks the validation or training split (``eval.py split=val``).
 
     Args:
         batch_size: samples per batch (128 in Sabour et al. 2017).
@@ -106,6 +109,18 @@ class ImageClassificationDataModule(LightningDataModule):
         self.data_train: TensorPairDataset | None = None
         self.data_val: TensorPairDataset | None = None
         self.data_test: TensorPairDataset | None = None
+        self.eval_split = "test"
+
+    # --- which split trainer.test / trainer.predict see --------------------------------------
+    def set_eval_split(self, split: str) -> None:
+        """Serve ``split`` (one of :data:`EVAL_SPLITS`: test, val, train) from the test and predict
+        dataloaders, in evaluation form (no augmentation). The default is ``test``; the training
+        split is served unshuffled and without the random training transform."""
+        self.eval_split = require_choice("split", split, EVAL_SPLITS)
+
+    def eval_dataset(self) -> TensorPairDataset | None:
+        """The dataset of :attr:`eval_split` (None before ``setup``)."""
+        return {"test": self.data_test, "val": self.data_val, "train": self.data_train}[self.eval_split]
 
     # --- datasets read from files (MNIST, smallNORB): find -> download -> clear error ------
     def find_files(self) -> Any:
@@ -135,9 +150,13 @@ class ImageClassificationDataModule(LightningDataModule):
         return files
 
     def stages_to_load(self, stage: str | None) -> tuple[bool, bool]:
-        """(fit/validate data needed, test/predict data needed) for ``setup(stage)``, skipping loaded ones."""
-        need_fit = stage in (None, "fit", "validate") and self.data_train is None
-        need_test = stage in (None, "test", "predict") and self.data_test is None
+        """(fit/validate data needed, test/predict data needed) for ``setup(stage)``, skipping loaded ones.
+
+        The test and predict stages need the training data instead of the test data when
+        :meth:`set_eval_split` chose ``val`` or ``train``."""
+        evaluating = stage in ("test", "predict")
+        need_fit = (stage in (None, "fit", "validate") or (evaluating and self.eval_split != "test")) and self.data_train is None
+        need_test = (stage is None or (evaluating and self.eval_split == "test")) and self.data_test is None
         return need_fit, need_test
 
     def _loader(self, dataset: TensorPairDataset | None, *, shuffle: bool, split: str) -> DataLoader:
@@ -161,10 +180,10 @@ class ImageClassificationDataModule(LightningDataModule):
         return self._loader(self.data_val, shuffle=False, split="val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False, split="test")
+        return self._loader(self.eval_dataset(), shuffle=False, split="test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False, split="predict")
+        return self._loader(self.eval_dataset(), shuffle=False, split="predict")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 -> float32 in [0, 1] on the device; random shift while training (never val/test)."""

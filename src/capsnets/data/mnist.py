@@ -115,7 +115,8 @@ class MNISTDataModule(ImageClassificationDataModule):
                 "in_channels": self.in_channels,
                 "image_size": self.image_size,
                 "num_classes": self.num_classes,
-            }
+            },
+            logger=False,  # train.py logs the whole resolved config instead
         )
 
     # ----------------------------------------------------------------- file lookup

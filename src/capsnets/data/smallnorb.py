@@ -14,6 +14,9 @@ novel viewpoints") train on familiar viewpoints of the training file and test on
 of the testing file:
 ``azimuth`` trains on azimuths 300, 320, 340, 0, 20, 40 degrees and tests on 60..280;
 ``elevation`` trains on the 3 lowest elevations (indices 0-2) and tests on the other 6.
+The paper compares models on both halves of the testing file: :meth:`SmallNORBDataModule.set_test_viewpoints`
+makes the test split the ``novel`` viewpoints (the protocol's test set, the default), the
+``familiar`` ones (testing-file images at the training viewpoints) or ``all`` of them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "SMALLNORB_FILES",
     "SMALLNORB_URL",
     "SmallNORBDataModule",
+    "VIEWPOINTS",
     "crop_images",
     "multi_crop_offsets",
     "viewpoint_mask",
@@ -54,6 +58,7 @@ PART_PREFIXES = {
 KINDS = ("dat", "cat", "info")
 SMALLNORB_FILES: tuple[str, ...] = tuple(f"{p}-{kind}.mat" for p in PART_PREFIXES.values() for kind in KINDS)
 SPLITS = ("standard", "azimuth", "elevation")
+VIEWPOINTS = ("novel", "familiar", "all")  # test rows of a novel-viewpoint protocol (set_test_viewpoints)
 AZIMUTH_TRAIN_DEGREES = (300, 320, 340, 0, 20, 40)  # Hinton et al. 2018, novel viewpoints; test: 60..280
 ELEVATION_TRAIN_INDICES = (0, 1, 2)  # the 3 lowest (30, 35, 40 degrees); test: indices 3..8
 CACHE_VERSION = 1  # bump when the preprocessing changes: every old cache is then rebuilt
@@ -187,6 +192,7 @@ class SmallNORBDataModule(ImageClassificationDataModule):
         self.info_train: torch.Tensor | None = None  # (N, 4) info rows of each split, e.g. for per-viewpoint errors
         self.info_val: torch.Tensor | None = None
         self.info_test: torch.Tensor | None = None
+        self.test_viewpoints = "novel" if self.split != "standard" else "all"
         self.save_hyperparameters(
             {
                 "data_dir": str(data_dir),
@@ -205,8 +211,36 @@ class SmallNORBDataModule(ImageClassificationDataModule):
                 "test_crops": self.test_crops,
                 "in_channels": self.in_channels,
                 "num_classes": self.num_classes,
-            }
+            },
+            logger=False,  # train.py logs the whole resolved config instead
         )
+
+    # ----------------------------------------------------------------- test viewpoints
+    @property
+    def viewpoint_protocol(self) -> str | None:
+        """``azimuth`` or ``elevation`` for a novel-viewpoint protocol, None for the standard split."""
+        return None if self.split == "standard" else self.split
+
+    def set_test_viewpoints(self, viewpoints: str) -> None:
+        """Which rows of the testing file form the test split of a novel-viewpoint protocol
+        (Hinton et al. 2018 report both): ``novel`` = the viewpoints never trained on (the
+        protocol's test set, the default); ``familiar`` = the testing file's images at the
+        training viewpoints; ``all`` = the whole testing file. Takes effect at the next ``setup``."""
+        if self.viewpoint_protocol is None:
+            raise ConfigError(
+                f"test viewpoints {viewpoints!r} need a novel-viewpoint protocol, but data.split=standard. "
+                f"Fix: data.split=azimuth or data.split=elevation."
+            )
+        chosen = require_choice("viewpoints", viewpoints, VIEWPOINTS)
+        if chosen != self.test_viewpoints:
+            self.data_test = self.info_test = None  # reselected by the next setup
+        self.test_viewpoints = chosen
+
+    def test_mask(self, info: torch.Tensor) -> torch.Tensor:
+        """Rows (N,) bool of the testing file's ``info`` (N, 4) in the test split (``split`` and test viewpoints)."""
+        if self.test_viewpoints == "all":
+            return torch.ones(info.shape[0], dtype=torch.bool)
+        return viewpoint_mask(info, self.split, train=self.test_viewpoints == "familiar")
 
     # ----------------------------------------------------------------- files, download, cache
     def find_files(self) -> dict[str, dict[str, Path]] | None:
@@ -291,14 +325,15 @@ class SmallNORBDataModule(ImageClassificationDataModule):
             self.load_part(part, files[part])
 
     def setup(self, stage: str | None = None) -> None:
-        """Select the split's rows, check that train and test share no example, hold out ``val_size`` (seeded)."""
+        """Select the split's rows (test: the chosen test viewpoints), check that train and test share no
+        example, hold out ``val_size`` (seeded)."""
         need_fit, need_test = self.stages_to_load(stage)
         if not (need_fit or need_test):
             return
         files = self.require_files(download=False)
         train, test = self.load_part("training", files["training"]), self.load_part("testing", files["testing"])
         train_rows = viewpoint_mask(train["info"], self.split, train=True).nonzero().squeeze(1)  # (N_train,)
-        test_rows = viewpoint_mask(test["info"], self.split, train=False).nonzero().squeeze(1)  # (N_test,)
+        test_rows = self.test_mask(test["info"]).nonzero().squeeze(1)  # (N_test,)
         self._check_disjoint(example_keys(train, train_rows), example_keys(test, test_rows), files)
         if need_fit:
             fit_idx, val_idx = seeded_split(

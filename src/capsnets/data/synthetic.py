@@ -108,7 +108,8 @@ class SyntheticDataModule(ImageClassificationDataModule):
                 "num_workers": self.num_workers,
                 "pin_memory": self.pin_memory,
                 "shift_pixels": self.shift_pixels,
-            }
+            },
+            logger=False,  # train.py logs the whole resolved config instead
         )
 
     def _make_split(self, n: int, generator: torch.Generator) -> TensorPairDataset:
