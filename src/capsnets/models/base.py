@@ -69,7 +69,8 @@ class CapsuleClassifier(LightningModule):
         loss, scores, parts = self.shared_step((x.flatten(0, 1), y.repeat_interleave(n_crops)), stage)
         return loss, scores.view(x.shape[0], n_crops, -1).mean(dim=1), parts  # scores (B, K)
 
-    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+    def _step(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and detached class scores (B, K) of one batch; logs loss, accuracy and loss parts."""
         x, y = batch
         loss, scores, parts = self._crops_step(batch, stage)
         metric = {"train": self.train_acc, "val": self.val_acc, "test": self.test_acc}[stage]
@@ -79,19 +80,23 @@ class CapsuleClassifier(LightningModule):
         self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         for name, value in parts.items():
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
-        return loss
+        return loss, scores.detach()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.samples_seen += int(batch[0].shape[0]) * self.trainer.world_size
 
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+    # Evaluation steps also return the class scores (B, K), so callbacks can use the predictions
+    # without a second forward pass (e.g. the confusion matrix of capsnets.callbacks.PicturesCallback).
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        loss, scores = self._step(batch, "val")
+        return {"loss": loss, "scores": scores}
 
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        loss, scores = self._step(batch, "test")
+        return {"loss": loss, "scores": scores}
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         _, scores, _ = self._crops_step(batch, "predict")

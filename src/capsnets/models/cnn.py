@@ -81,7 +81,7 @@ class CNNModule(CapsuleClassifier):
 
     def __init__(self, *, net: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
         super().__init__(num_classes=net["num_classes"], optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # train.py logs the whole resolved config instead
         net = dict(net)
         arch = require_choice("model.net.architecture", net.pop("architecture"), ARCHITECTURES)
         self.net = BaselineCNN(**{**PRESETS[arch], **net})

@@ -97,7 +97,7 @@ class DRCapsModule(CapsuleClassifier):
         scheduler: dict[str, Any],
     ) -> None:
         super().__init__(num_classes=net["num_classes"], optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # train.py logs the whole resolved config instead
         require_range("model.loss.m_plus", loss["m_plus"], 0.0, 1.0)
         require_range("model.loss.m_minus", loss["m_minus"], 0.0, 1.0)
         require_range("model.loss.down_weight", loss["down_weight"], 0.0, float("inf"))

@@ -109,7 +109,7 @@ class EMCapsModule(CapsuleClassifier):
         self, *, net: dict[str, Any], loss: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any]
     ) -> None:
         super().__init__(num_classes=net["num_classes"], optimizer=optimizer, scheduler=scheduler)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # train.py logs the whole resolved config instead
         self.loss_name = require_choice("model.loss.name", loss.get("name"), LOSSES)
         self.loss_cfg = dict(loss)
         if self.loss_name == "margin":

@@ -48,6 +48,20 @@ class EMRoutingResult(NamedTuple):
     R: torch.Tensor  # (B, P, K, T_in, T_out), a permuted view
 
 
+class EMRoutingTrace(NamedTuple):
+    """Every routing iteration of one call, for routing statistics (recorded only on request).
+
+    ``assignments[t]`` is the R that the M-step of iteration t used (the uniform start for
+    t = 0, before ``R * a_i``), ``activations[t]`` the parent activations it produced; the
+    child layout needed to group R by child (see :func:`child_assignment_stats`) is kept too.
+    """
+
+    assignments: list[torch.Tensor]  # t -> (B, P, K, T_in, T_out), detached
+    activations: list[torch.Tensor]  # t -> (B, P, T_out), detached
+    child_index: torch.Tensor | None  # (P*K,) input position of each slot, None = every slot its own child
+    num_children: int | None
+
+
 def inverse_temperatures(iterations: int, *, schedule: str = "official", value: float = 0.01, scale: float = 1.0) -> list[float]:
     """lambda_t for routing iterations t = 0 .. iterations-1.
 
@@ -222,7 +236,7 @@ def e_step(
 def em_routing(
     V: torch.Tensor, a_in: torch.Tensor, *, beta_u: torch.Tensor, beta_a: torch.Tensor, lambdas: Sequence[float],
     var_floor: float = 0.0005, eps: float = 1e-8, child_index: torch.Tensor | None = None, num_children: int | None = None,
-    moment_dtype: torch.dtype | None = None,
+    moment_dtype: torch.dtype | None = None, trace: EMRoutingTrace | None = None,
 ) -> EMRoutingResult:
     """Procedure 1: ``len(lambdas)`` iterations of M-step (every parent) then E-step (every child).
 
@@ -242,6 +256,8 @@ def em_routing(
             ``2^-24 ((mu - c) / sigma)^2`` to cancellation in float32, c the plain mean of a
             parent's votes: nothing for spread-out votes, digits for a tight cluster far from c
             (large poses that agree); ``torch.float64`` is exact there, at about twice the cost.
+        trace: if given, each iteration's assignments and parent activations are appended to
+            its lists (detached; routing statistics). None, the default, records nothing.
     """
     with torch.autocast(device_type=V.device.type, enabled=False):
         dtype = torch.promote_types(V.dtype, torch.float32)
@@ -256,6 +272,9 @@ def em_routing(
             mu, sigma_sq, mu_c, a_out, log_a_out = m_step(
                 R, a_in, X, c, tokens[4 * t:4 * t + 2], beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, var_floor=var_floor, eps=eps
             )
+            if trace is not None:
+                trace.assignments.append(R.detach().permute(0, 1, 3, 4, 2))  # (B, P, K, T_in, T_out)
+                trace.activations.append(a_out.detach())
             if t < len(lambdas) - 1:
                 R = e_step(X, tokens[4 * t + 2:4 * t + 4], mu_c, sigma_sq, log_a_out, child_index, num_children, k)
     result = (mu, sigma_sq, a_out, R.permute(0, 1, 3, 4, 2))  # R back to (B, P, K, T_in, T_out)
@@ -266,6 +285,10 @@ class EMRouting(nn.Module):
     """EM routing with learned ``beta_u``, ``beta_a`` (one per parent type): 2 * out_types parameters.
 
     ``moment_dtype`` "float64" routes exactly also where float32 moments cancel (see ``em_routing``).
+
+    With ``record_routing = True`` (off by default; see
+    :func:`capsnets.callbacks.routing_stats.record_routing`) every call leaves an
+    :class:`EMRoutingTrace` of all iterations in ``routing_trace``; otherwise it is None.
     """
 
     def __init__(
@@ -284,6 +307,8 @@ class EMRouting(nn.Module):
         self.moment_dtype = require_choice(f"{layer}.moment_dtype", moment_dtype, tuple(MOMENT_DTYPES))
         self.beta_u = nn.Parameter(torch.zeros(out_types))
         self.beta_a = nn.Parameter(torch.zeros(out_types))
+        self.record_routing = False  # keep every iteration's R and a_out in routing_trace
+        self.routing_trace: EMRoutingTrace | None = None
 
     @property
     def lambdas(self) -> list[float]:
@@ -292,13 +317,49 @@ class EMRouting(nn.Module):
     def forward(
         self, V: torch.Tensor, a_in: torch.Tensor, *, child_index: torch.Tensor | None = None, num_children: int | None = None
     ) -> EMRoutingResult:
-        return em_routing(
+        trace = EMRoutingTrace([], [], child_index, num_children) if self.record_routing else None
+        result = em_routing(
             V, a_in, beta_u=self.beta_u, beta_a=self.beta_a, lambdas=self.lambdas, var_floor=self.var_floor,
             eps=self.eps, child_index=child_index, num_children=num_children, moment_dtype=MOMENT_DTYPES[self.moment_dtype],
+            trace=trace,
         )
+        self.routing_trace = trace
+        return result
 
     def extra_repr(self) -> str:
         return (
             f"out_types={self.beta_u.numel()}, iterations={self.iterations}, lambda_schedule={self.lambda_schedule}, "
             f"lambda_scale={self.lambda_scale}, var_floor={self.var_floor}, moment_dtype={self.moment_dtype}"
         )
+
+
+def child_assignment_stats(
+    R: torch.Tensor, child_index: torch.Tensor | None = None, num_children: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-child summaries of assignments R (B, P, K, T_in, T_out) that sum to 1 per child.
+
+    A child is one (input position, type) when ``child_index`` maps the (p, k) slots to input
+    positions (conv-capsule layers; the child's distribution spans every covering parent, all
+    positions and types), else one (p, k, type) slot spread over the T_out parents (class
+    capsules). Children that no parent covers are left out.
+
+    Returns, each (B, N, T_in) with N the covered children (or P*K slots):
+        entropy: entropy in nats of the child's assignment distribution;
+        uniform: the entropy of a uniform split over its parents, ``log(#parents)``;
+        largest: the largest single assignment (1 = all to one parent, 1/#parents = uniform).
+    """
+    b, p, k, t_in, t_out = R.shape
+    R = R.float()
+    plogp = (R * torch.log(R.clamp_min(1e-30))).sum(-1).reshape(b, p * k, t_in)  # (B, P*K, T_in)
+    largest = R.amax(-1).reshape(b, p * k, t_in)
+    if child_index is None:
+        uniform = torch.full_like(largest, math.log(t_out))
+        return -plogp, uniform, largest
+    children = num_children if num_children is not None else int(child_index.max()) + 1
+    covering = torch.bincount(child_index, minlength=children)  # (N_children,) patches per child
+    covered = covering > 0
+    index = child_index.view(1, p * k, 1).expand(b, p * k, t_in)
+    entropy = -(plogp.new_zeros(b, children, t_in).index_add(1, child_index, plogp))  # (B, N_children, T_in)
+    largest = largest.new_zeros(b, children, t_in).scatter_reduce(1, index, largest, reduce="amax")
+    uniform = torch.log(covering.to(entropy.dtype) * t_out).view(1, children, 1).expand(b, children, t_in)
+    return entropy[:, covered], uniform[:, covered], largest[:, covered]
