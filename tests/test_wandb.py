@@ -147,3 +147,22 @@ def test_wandb_mode_disabled_in_environment_writes_no_wandb_files(cli, tmp_path)
     assert (tmp_path / "run" / "metrics.json").is_file()
     assert not list((tmp_path / "run").rglob("*.wandb"))
     assert "wandb sync" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_ddp_spawn_workers_keep_wandb_files_under_the_run_dir(cli, tmp_path):
+    """Spawned workers attach to the launching process's run; their files (logged pictures) must
+    still land in <run dir>/wandb, not in the directory the command was started from."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = cli(
+        "train.py", "data=synthetic", *SMALL_DR_CAPS, "trainer=ddp_sim", "trainer.max_epochs=1",
+        "data.num_train=64", "data.num_val=32", "data.num_test=32",
+        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(cwd.iterdir()) == []
+    (run_dir,) = _offline_runs(tmp_path / "run")
+    assert list((run_dir / "files" / "media" / "images").rglob("*.png"))
+    run = read_offline_run(run_dir)
+    assert 0.0 <= run.summary["test/acc"] <= 1.0

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from capsnets.errors import ConfigError
 
@@ -100,6 +101,31 @@ def _hydra_job() -> tuple[str | None, list[str], str | None, str | None]:
     return mode, list(hc.overrides.task), Path(hc.sweep.dir).name, hc.job.name
 
 
+class RunDirWandbLogger(WandbLogger):
+    """Lightning's :class:`WandbLogger`, keeping every file of the run under ``save_dir``.
+
+    Under ``ddp_spawn`` the worker processes attach to the run that the launching process created;
+    W&B then places the files they log (images, artifacts staging) relative to the worker's current
+    directory. Pointing ``WANDB_DIR`` at ``save_dir`` while attaching, in the worker only, keeps
+    them in ``<run dir>/wandb/`` with the rest of the run.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is None and getattr(self, "_attach_id", None) is not None:
+            previous = os.environ.get("WANDB_DIR")
+            os.environ["WANDB_DIR"] = str(Path(self.save_dir or ".").resolve())
+            try:
+                return WandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
+            finally:
+                if previous is None:
+                    os.environ.pop("WANDB_DIR", None)
+                else:
+                    os.environ["WANDB_DIR"] = previous
+        return WandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
+
+
 def wandb_logger(
     project: str = "capsnets",
     entity: str | None = None,
@@ -143,7 +169,7 @@ def wandb_logger(
 
         # W&B's own end-of-run banner is long; finish_loggers prints the one line that matters
         kwargs["settings"] = wandb.Settings(quiet=True)
-    return WandbLogger(
+    return RunDirWandbLogger(
         project=project,
         entity=entity,
         name=name,
