@@ -166,3 +166,23 @@ def test_ddp_spawn_workers_keep_wandb_files_under_the_run_dir(cli, tmp_path):
     assert list((run_dir / "files" / "media" / "images").rglob("*.png"))
     run = read_offline_run(run_dir)
     assert 0.0 <= run.summary["test/acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_eval_logs_its_own_wandb_run_with_job_type_eval(cli, tmp_path):
+    train = cli(
+        "train.py", "data=synthetic", *SMALL_DR_CAPS, "trainer=cpu", "trainer.max_epochs=1", "logger=csv",
+        "data.num_train=64", "data.num_val=32", "data.num_test=32", "callbacks.pictures.every_n_epochs=0",
+        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'train'}",
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert not (tmp_path / "train" / "wandb").exists()  # logger=csv: no W&B at all
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    proc = cli("eval.py", f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = _offline_runs(tmp_path / "eval")
+    run = read_offline_run(run_dir)
+    assert run.job_type == "eval" and run.group == "eval" and run.exit_code == 0
+    assert run.config["ckpt_path"] == str(ckpt)
+    (result,) = ckpt.parent.glob("last.eval-test*.json")
+    assert run.summary["test/acc"] == pytest.approx(json.loads(result.read_text())["metrics"]["test/acc"])
