@@ -70,11 +70,19 @@ def test_summarize_aggregates_the_seeds_with_the_right_mean_and_std(cli, basic_s
     assert (basic_sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_joblib_launcher_runs_the_same_jobs_in_worker_processes(cli, tmp_path, basic_sweep):
-    proc = cli("train.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY_RUN, "seed=1,2",
-               f"paths.log_dir={tmp_path}")
+@pytest.mark.parametrize(
+    "launcher, marker",
+    [
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], "Joblib.Parallel(n_jobs=2"),
+        # submitit's local executor: the same pickling and job path as hydra/launcher=slurm, minus sbatch
+        (["hydra/launcher=submitit_local"], "Submitit 'local' sweep output dir"),
+    ],
+    ids=["joblib", "submitit_local"],
+)
+def test_other_launchers_run_the_same_jobs_in_worker_processes(cli, tmp_path, basic_sweep, launcher, marker):
+    proc = cli("train.py", "-m", *launcher, *TINY_RUN, "seed=1,2", f"paths.log_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    assert marker in proc.stdout + proc.stderr
     sweep = _only_sweep(tmp_path, "train")
     for job in ("0", "1"):
         parallel, serial = _metrics(sweep / job), _metrics(basic_sweep / job)
