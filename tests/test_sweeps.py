@@ -54,7 +54,9 @@ def test_basic_sweep_writes_one_folder_per_job_in_one_sweep_folder(basic_sweep):
         record = _metrics(basic_sweep / job)
         assert record["seed"] == seed and f"seed={seed}" in record["overrides"]
         assert record["optimized_metric"] == "val/acc"
-        assert record["optimized_value"] == record["metrics"]["val/acc"]  # what main() returns
+        # what main() returns: val/acc of the best checkpoint (the one tested), monitored by ModelCheckpoint
+        assert record["optimized_value"] == record["metrics"]["val/acc_best"]
+        assert record["optimized_value"] == pytest.approx(record["metrics"]["val/acc"])  # 1 epoch: best = last
         assert 0.0 <= record["metrics"]["test/acc"] <= 1.0
 
 

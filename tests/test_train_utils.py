@@ -15,6 +15,12 @@ def test_metric_value_returns_metric_or_none_with_warning(caplog):
     assert "val/acc" in caplog.text and "train/acc" in caplog.text
 
 
+def test_metric_value_prefers_the_best_checkpoints_score_over_the_last_epoch():
+    # ModelCheckpoint monitors val/acc: the tested checkpoint scored 0.8, the last epoch 0.6
+    assert metric_value({"val/acc": 0.6, "val/acc_best": 0.8}, "val/acc") == 0.8
+    assert metric_value({"val/loss": 0.3, "val/acc_best": 0.8}, "val/loss") == 0.3
+
+
 def test_check_ckpt_path(tmp_path):
     assert check_ckpt_path(None) is None
     ckpt = tmp_path / "last.ckpt"

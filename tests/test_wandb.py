@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,11 @@ def test_multirun_makes_one_offline_wandb_run_per_job_and_modes_do_not_leak(cli,
         # job order: (seed 1, auto), (seed 1, disabled), (seed 2, auto): job 2 must not inherit job 1's mode
         "seed=1,2", "logger.wandb.mode=null,disabled",
         f"paths.log_dir={tmp_path}", f"hydra.sweep.dir={sweep}",
+        # W&B's default folders for staging and caches, kept inside tmp_path to see that nothing lands there
+        env={"XDG_DATA_HOME": str(tmp_path / "xdg_data"), "XDG_CACHE_HOME": str(tmp_path / "xdg_cache")},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list((tmp_path / "xdg_data").rglob("staging/*")), "checkpoint artifacts staged outside the run dir"
     overrides = {job: (sweep / job / ".hydra" / "overrides.yaml").read_text() for job in "0123"}
     assert "logger.wandb.mode=disabled" in overrides["1"] and "logger.wandb.mode=null" in overrides["2"]
 
@@ -127,6 +131,7 @@ def test_multirun_makes_one_offline_wandb_run_per_job_and_modes_do_not_leak(cli,
         assert run.summary["test/acc"] == pytest.approx(metrics["metrics"]["test/acc"])
         assert f"seed={seed}" in run.name and run.job_type == "train" and run.tags == ["wbtest"]
         assert run.artifacts, "logger.wandb.log_model=true uploads the checkpoints as artifacts"
+        assert list((sweep / job / "wandb").rglob("staging/*")), "offline artifacts are staged in the run dir"
         assert run.exit_code == 0
         assert f"wandb sync {run_dir}" in proc.stdout
         # pictures land under the run dir too
@@ -186,3 +191,60 @@ def test_eval_logs_its_own_wandb_run_with_job_type_eval(cli, tmp_path):
     assert run.config["ckpt_path"] == str(ckpt)
     (result,) = ckpt.parent.glob("last.eval-test*.json")
     assert run.summary["test/acc"] == pytest.approx(json.loads(result.read_text())["metrics"]["test/acc"])
+
+
+def test_failed_online_start_falls_back_to_offline_instead_of_failing_the_job(no_wandb_env, tmp_path, monkeypatch, caplog):
+    """wandb.init(mode="online") can still fail after the checks (e.g. an expired key); the run then
+    starts offline. Only the online start is made to fail here; the offline run is real."""
+    import wandb
+
+    real_init = wandb.init
+
+    def init(*args, **kwargs):
+        if kwargs.get("mode") == "online":
+            raise wandb.errors.AuthenticationError("API key is invalid")
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    no_wandb_env.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(wl, "server_reachable", lambda timeout: True)
+    logger = wl.wandb_logger(save_dir=str(tmp_path / "run"))
+    assert logger._wandb_init["mode"] == "online"
+    try:
+        with caplog.at_level("WARNING"):
+            run = logger.experiment
+        assert run.settings.mode == "offline"
+        assert "could not start an online run" in caplog.text and "API key is invalid" in caplog.text
+    finally:
+        wl.finish_loggers([logger])
+    assert _offline_runs(tmp_path / "run")
+
+
+def test_wandb_folders_are_restored_after_the_run_starts(no_wandb_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DATA_DIR", "/somewhere/else")
+    monkeypatch.delenv("WANDB_CACHE_DIR", raising=False)
+    logger = wl.wandb_logger(save_dir=str(tmp_path / "run"))
+    try:
+        assert Path(logger.experiment.dir).resolve().is_relative_to((tmp_path / "run").resolve())
+    finally:
+        wl.finish_loggers([logger])
+    assert os.environ["WANDB_DATA_DIR"] == "/somewhere/else" and "WANDB_CACHE_DIR" not in os.environ
+
+
+@pytest.mark.slow
+def test_plain_ddp_gives_one_wandb_run_and_one_summary_from_rank_0(cli, tmp_path):
+    """trainer=ddp's launch (each rank re-runs the command) on 2 CPU processes: the other rank has
+    dummy loggers and must neither crash on them nor start a run or write metrics.json."""
+    proc = cli(
+        "train.py", "data=synthetic", *SMALL_DR_CAPS, "trainer=ddp_sim", "trainer.strategy=ddp", "trainer.max_epochs=1",
+        "data.num_train=64", "data.num_val=32", "data.num_test=32",
+        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.count("Run directory:") == 1
+    (run_dir,) = _offline_runs(tmp_path / "run")
+    run = read_offline_run(run_dir)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert run.summary["test/acc"] == pytest.approx(record["metrics"]["test/acc"])
+    assert (proc.stdout + proc.stderr).count("W&B offline:") == 1

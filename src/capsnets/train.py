@@ -66,12 +66,17 @@ def _fit_and_test(cfg: DictConfig, datamodule: Any, model: Any, callbacks: list,
         logger.log_hyperparams(resolved_config(cfg))
 
     metrics: dict[str, float] = {}
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
+        name = cfg.get("optimized_metric")
+        if checkpoint is not None and name and checkpoint.monitor == name and checkpoint.best_model_score is not None:
+            # the value of the checkpoint that is tested, not the noisier last epoch's
+            # (ddp_spawn does not hand the score back; the last epoch's value is used then)
+            metrics[f"{name}_best"] = float(checkpoint.best_model_score)
 
     if cfg.get("test", True):
-        checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
         test_ckpt = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
         if not cfg.get("train", True):
             test_ckpt = ckpt_path
@@ -80,9 +85,9 @@ def _fit_and_test(cfg: DictConfig, datamodule: Any, model: Any, callbacks: list,
         trainer.test(model=model, datamodule=datamodule, ckpt_path=test_ckpt)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
 
-    _print_summary(cfg, trainer, metrics)
     if trainer.is_global_zero:
         write_metrics_json(cfg, metrics)
+        _print_summary(cfg, trainer, metrics)
     return metrics
 
 
@@ -120,7 +125,7 @@ def write_metrics_json(cfg: DictConfig, metrics: dict[str, float]) -> Path:
         "overrides": _job_overrides(),
         "seed": cfg.get("seed"),
         "optimized_metric": name,
-        "optimized_value": metrics.get(name) if name else None,
+        "optimized_value": optimized_value(metrics, name) if name else None,
         "metrics": dict(sorted(metrics.items())),
         "paper": paper,
     }
@@ -131,6 +136,7 @@ def write_metrics_json(cfg: DictConfig, metrics: dict[str, float]) -> Path:
 
 
 def _print_summary(cfg: DictConfig, trainer: Any, metrics: dict[str, float]) -> None:
+    """Where everything went and the final metrics (rank 0 only: other ranks have dummy loggers)."""
     lines = [f"Run directory: {cfg.paths.output_dir}"]
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
@@ -148,19 +154,23 @@ def _print_summary(cfg: DictConfig, trainer: Any, metrics: dict[str, float]) -> 
             lines.append(f"Last checkpoint: {cb.last_model_path}")
     shown = {k: v for k, v in metrics.items() if k.endswith("/acc") or k.endswith("/loss")}
     lines.append("Metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
-    if trainer.is_global_zero:
-        print("\n".join(lines), flush=True)
+    print("\n".join(lines), flush=True)
+
+
+def optimized_value(metrics: dict[str, float], name: str) -> float | None:
+    """The best checkpoint's value of ``name`` when the checkpoint callback monitors it, else the last logged one."""
+    return metrics.get(f"{name}_best", metrics.get(name))
 
 
 def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
-    """The value a sweeper optimises; None (with a warning naming what was logged) when absent,
-    e.g. when validation never ran; the finished run and its checkpoints stay as they are."""
+    """The value a sweeper optimises (:func:`optimized_value`); None (with a warning naming what was
+    logged) when absent, e.g. when validation never ran; the finished run and its checkpoints stay as they are."""
     if not name:
         return None
-    if name not in metrics:
+    value = optimized_value(metrics, name)
+    if value is None:
         log.warning("optimized_metric=%r was not logged (logged: %s); returning None.", name, ", ".join(sorted(metrics)))
-        return None
-    return metrics[name]
+    return value
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -7,25 +7,31 @@ leaks into the next job of a multirun:
 1. ``logger.wandb.mode`` when set (``online`` / ``offline`` / ``disabled``);
 2. else ``$WANDB_MODE`` from the environment (``dryrun`` counts as offline, ``run`` as online);
 3. else online when an API key is found (``$WANDB_API_KEY`` or ``wandb login``'s netrc entry) and the
-   W&B server answers within ``network_timeout`` seconds; offline otherwise.
+   W&B server (``$WANDB_BASE_URL``, ``wandb login --host``'s, or wandb.ai) answers within
+   ``network_timeout`` seconds; offline otherwise.
 
 Online without a key or a network never prompts and never crashes: it falls back to offline with one
-line saying why. Offline runs land in ``<run dir>/wandb/offline-run-*`` and :func:`finish_loggers`
+line saying why; so does an online start that fails later (e.g. an invalid key). Every file W&B
+writes for the run stays under ``<run dir>/wandb/`` (see :class:`RunDirWandbLogger`). Offline runs land in ``<run dir>/wandb/offline-run-*`` and :func:`finish_loggers`
 prints the ``wandb sync`` command that uploads them later.
 """
 
 from __future__ import annotations
 
+import configparser
+import contextlib
 import logging
 import netrc
 import os
-import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 from capsnets.errors import ConfigError
 
@@ -36,8 +42,19 @@ _ENV_ALIASES = {"dryrun": "offline", "run": "online", "online": "online", "offli
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 
+def _settings_base_url() -> str | None:
+    """The server ``wandb login --host`` stored in W&B's settings file (``$WANDB_CONFIG_DIR/settings``)."""
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(config_dir / "settings")
+    except (configparser.Error, OSError):
+        return None
+    return parser.get("default", "base_url", fallback=None) or None
+
+
 def _base_url() -> str:
-    return os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+    return os.environ.get("WANDB_BASE_URL") or _settings_base_url() or DEFAULT_BASE_URL
 
 
 def find_api_key() -> str | None:
@@ -54,13 +71,15 @@ def find_api_key() -> str | None:
 
 
 def server_reachable(timeout: float) -> bool:
-    """Whether a TCP connection to the W&B server opens within ``timeout`` seconds."""
-    url = urlparse(_base_url())
-    port = url.port or (443 if url.scheme == "https" else 80)
+    """Whether the W&B server answers an HTTP request within ``timeout`` seconds (any HTTP status
+    counts; proxies from ``HTTPS_PROXY``/``HTTP_PROXY`` are used like W&B itself does)."""
+    request = urllib.request.Request(_base_url(), method="HEAD")
     try:
-        with socket.create_connection((url.hostname or "api.wandb.ai", port), timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True  # the server answered (e.g. 401/404)
+    except (OSError, ValueError):
         return False
 
 
@@ -82,6 +101,8 @@ def resolve_mode(mode: str | None, network_timeout: float = 3.0) -> tuple[str, s
         requested, source = "online", "auto"
     if requested != "online":
         return requested, f"{source}={requested}"
+    if getattr(rank_zero_only, "rank", 0) > 0:
+        return "online", "not rank 0 (no run of its own)"  # only rank 0 starts a run: no probe
     if find_api_key() is None:
         return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login` to log online)"
     if not server_reachable(network_timeout):
@@ -101,29 +122,65 @@ def _hydra_job() -> tuple[str | None, list[str], str | None, str | None]:
     return mode, list(hc.overrides.task), Path(hc.sweep.dir).name, hc.job.name
 
 
-class RunDirWandbLogger(WandbLogger):
-    """Lightning's :class:`WandbLogger`, keeping every file of the run under ``save_dir``.
+@contextlib.contextmanager
+def _files_under(save_dir: str | None):
+    """While W&B starts or attaches to a run, or stages artifacts, point every folder it would
+    otherwise pick by itself (the current directory, ``~/.local/share/wandb`` for artifact staging,
+    ``~/.cache/wandb``) into ``<save_dir>``; the previous environment is restored afterwards, so
+    nothing carries over to the next job of a multirun."""
+    root = Path(save_dir or ".").resolve()
+    wanted = {
+        "WANDB_DIR": root,
+        "WANDB_DATA_DIR": root / "wandb" / "data",
+        "WANDB_CACHE_DIR": root / "wandb" / "cache",
+        "WANDB_ARTIFACT_DIR": root / "wandb" / "artifacts",
+    }
+    previous = {key: os.environ.get(key) for key in wanted}
+    os.environ.update({key: str(value) for key, value in wanted.items()})
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
-    Under ``ddp_spawn`` the worker processes attach to the run that the launching process created;
-    W&B then places the files they log (images, artifacts staging) relative to the worker's current
-    directory. Pointing ``WANDB_DIR`` at ``save_dir`` while attaching, in the worker only, keeps
-    them in ``<run dir>/wandb/`` with the rest of the run.
+
+class RunDirWandbLogger(WandbLogger):
+    """Lightning's :class:`WandbLogger`, keeping every file of the run under ``save_dir`` and never
+    failing a job because W&B is unreachable.
+
+    - Files: under ``ddp_spawn`` the workers attach to the run the launching process created, and
+      W&B would place what they log relative to the worker's current directory; checkpoint
+      artifacts are staged in the user's data folder. Both go under ``<run dir>/wandb/`` here.
+    - Online start-up failures (an invalid key, a server that does not answer): the run starts
+      offline instead, with one line saying why.
     """
 
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
-        if self._experiment is None and getattr(self, "_attach_id", None) is not None:
-            previous = os.environ.get("WANDB_DIR")
-            os.environ["WANDB_DIR"] = str(Path(self.save_dir or ".").resolve())
+        if self._experiment is not None:
+            return self._experiment
+        with _files_under(self.save_dir):
+            if self._wandb_init.get("mode") != "online" or getattr(self, "_attach_id", None) is not None:
+                return WandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
             try:
                 return WandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
-            finally:
-                if previous is None:
-                    os.environ.pop("WANDB_DIR", None)
-                else:
-                    os.environ["WANDB_DIR"] = previous
-        return WandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
+            except Exception as err:  # noqa: BLE001 - any start-up failure: keep the job, log offline
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.run.finish(exit_code=1)
+                self._experiment = None
+                self._wandb_init["mode"] = "offline"
+                log.warning("W&B offline: could not start an online run (%s: %s).", type(err).__name__, err)
+                return WandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
+
+    def _scan_and_log_checkpoints(self, checkpoint_callback: Any) -> None:
+        with _files_under(self.save_dir):
+            super()._scan_and_log_checkpoints(checkpoint_callback)
 
 
 def wandb_logger(
@@ -159,7 +216,9 @@ def wandb_logger(
         group = f"{task_name}/{sweep_name}" if hydra_mode == "multirun" and sweep_name else task_name
     if job_type is None:
         job_type = job_name or "train"
-    if resolved == "offline":
+    if getattr(rank_zero_only, "rank", 0) > 0:
+        pass  # other DDP ranks never start a run of their own: nothing to say
+    elif resolved == "offline":
         log.warning("W&B offline: %s. The run is kept under %s.", reason, save_path / "wandb")
     else:
         log.info("W&B %s (%s): project=%s group=%s name=%s", resolved, reason, project, group, name)
