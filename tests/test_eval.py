@@ -149,12 +149,24 @@ def compose_eval(tmp_path: Path, *overrides: str):  # noqa: ANN201
         (["+data_overrides.crop=3"], "MNISTDataModule has no setting crop. Valid settings: batch_size,"),
         (["data_overrides=4"], "data_overrides must be a mapping"),
         (["test_crops=0"], "test_crops must be an integer >= 1, got 0"),
+        (["data=synthetic", "data.num_classes=5"],
+         "SyntheticDataModule gives 1x28x28 images, 5 classes; the checkpoint's network expects 1x28x28 images, 10 classes"),
     ],
 )
 def test_config_errors_on_an_mnist_checkpoint(mnist_ckpt, tmp_path, overrides, message):
     before = results(mnist_ckpt)
     with pytest.raises(ConfigError, match=re.escape(message)):
         evaluate(compose_eval(tmp_path, f"ckpt_path={mnist_ckpt}", *overrides))
+    assert results(mnist_ckpt) == before
+
+
+def test_spawned_workers_are_refused_before_testing(mnist_ckpt, tmp_path):
+    before = results(mnist_ckpt)
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt_path={mnist_ckpt}", "logger=none", "trainer=ddp_sim",
+                                         f"paths.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=re.escape("cannot run under a ddp_spawn strategy")):
+        evaluate(cfg)
     assert results(mnist_ckpt) == before
 
 

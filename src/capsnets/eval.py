@@ -171,6 +171,26 @@ def build_datamodule(cls: type, settings: dict[str, Any], split: str, viewpoints
     return datamodule
 
 
+SHAPE_KEYS = ("in_channels", "image_size", "num_classes")
+
+
+def check_data_fits_model(model: LightningModule, datamodule: LightningDataModule, cls: type) -> None:
+    """ConfigError, before any data is read, when the evaluated data's shapes differ from the ones
+    the checkpoint's network was built for (e.g. an MNIST checkpoint with data=smallnorb)."""
+    net = dict(getattr(model, "hparams", {}).get("net") or {})
+    expected = {key: net[key] for key in SHAPE_KEYS if key in net}
+    actual = {key: getattr(datamodule, key) for key in expected if hasattr(datamodule, key)}
+    if any(actual[key] != expected[key] for key in actual):
+        def shapes(d: dict[str, Any]) -> str:
+            return f"{d.get('in_channels')}x{d.get('image_size')}x{d.get('image_size')} images, {d.get('num_classes')} classes"
+
+        raise ConfigError(
+            f"{cls.__name__} gives {shapes(actual)}; the checkpoint's network expects {shapes(expected)}. "
+            "Fix: evaluate on data with the same shapes (e.g. data=fashion_mnist for an MNIST checkpoint), "
+            "or drop data= to use the checkpoint's own dataset."
+        )
+
+
 def effective_viewpoints(datamodule: LightningDataModule, split: str) -> str | None:
     """The test viewpoints evaluated (novel/familiar/all) for a novel-viewpoint protocol's test split, else None."""
     if split != "test" or getattr(datamodule, "viewpoint_protocol", None) is None:
@@ -259,6 +279,17 @@ class ExampleCounter(Callback):
         self.count = int(total.item())
 
 
+def check_single_launch(trainer: Trainer) -> None:
+    """eval.py reads the results (examples scored, split size) in the process that runs the test;
+    spawned/forked workers (``ddp_spawn``, ``ddp_fork``) keep them to themselves."""
+    start_method = getattr(trainer.strategy, "_start_method", None)
+    if start_method in ("spawn", "fork", "forkserver"):
+        raise ConfigError(
+            f"eval.py cannot run under a ddp_{start_method} strategy (its worker processes do not hand the "
+            "evaluation back). Fix: trainer=cpu or trainer=gpu (one device is plenty for testing), or trainer=ddp."
+        )
+
+
 def _split_size(trainer: Trainer) -> int:
     loaders = trainer.test_dataloaders
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
@@ -286,6 +317,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_overrides(cls, settings["data_overrides"])
     data_settings.update(settings["data_overrides"])
     datamodule = build_datamodule(cls, data_settings, split, viewpoints)
+    check_data_fits_model(model, datamodule, cls)
     data_settings = dict(getattr(datamodule, "hparams", None) or data_settings)  # validated, plain values
     viewpoints = effective_viewpoints(datamodule, split)
     crops = int(getattr(datamodule, "test_crops", 1))
@@ -299,6 +331,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     failed = True
     try:
         trainer = instantiate_trainer(cfg.trainer, callbacks=[counter], loggers=loggers)
+        check_single_launch(trainer)
         for logger in loggers:
             logger.log_hyperparams(resolved_config(cfg))
         trainer.test(model=model, datamodule=datamodule)
