@@ -43,7 +43,7 @@ from capsnets.data.base import EVAL_SPLITS
 from capsnets.data.smallnorb import VIEWPOINTS
 from capsnets.errors import ConfigError
 from capsnets.train import _scalar_metrics
-from capsnets.utils.instantiate import check_ckpt_path, instantiate_loggers, instantiate_trainer, resolved_config
+from capsnets.utils.instantiate import check_ckpt_path, instantiate_loggers, instantiate_trainer, job_overrides, resolved_config
 from capsnets.utils.resolvers import CONFIG_DIR
 from capsnets.utils.validation import require_choice, require_int
 from capsnets.utils.wandb_logger import finish_loggers
@@ -296,12 +296,6 @@ def _split_size(trainer: Trainer) -> int:
     return sum(len(loader.dataset) for loader in loaders if loader is not None)
 
 
-def _job_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
 # --------------------------------------------------------------------------- main
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate the checkpoint ``cfg.ckpt_path`` as configured; returns the metrics (logged as ``test/*``)."""
@@ -364,7 +358,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 "samples_seen": meta.get("samples_seen"),
             },
             "seed": cfg.get("seed"),
-            "overrides": _job_overrides(),
+            "overrides": job_overrides(),
             "run_dir": cfg.paths.get("output_dir"),
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "capsnets_version": capsnets.__version__,

@@ -26,6 +26,7 @@ from capsnets.utils.instantiate import (
     instantiate_loggers,
     instantiate_model,
     instantiate_trainer,
+    job_overrides,
     resolved_config,
 )
 from capsnets.utils.resolvers import CONFIG_DIR
@@ -91,12 +92,6 @@ def _fit_and_test(cfg: DictConfig, datamodule: Any, model: Any, callbacks: list,
     return metrics
 
 
-def _job_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
 def paper_reference(cfg: DictConfig) -> dict[str, Any] | None:
     """The preset's ``paper`` block for this job: ``{metric, target, source}``. A sweep preset whose
     rows differ in target lists them as ``paper.targets: [{when: {dotted.key: value}, target: x}]``;
@@ -122,7 +117,7 @@ def write_metrics_json(cfg: DictConfig, metrics: dict[str, float]) -> Path:
     name = cfg.get("optimized_metric")
     record = {
         "task_name": cfg.get("task_name"),
-        "overrides": _job_overrides(),
+        "overrides": job_overrides(),
         "seed": cfg.get("seed"),
         "optimized_metric": name,
         "optimized_value": optimized_value(metrics, name) if name else None,

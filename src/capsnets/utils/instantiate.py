@@ -70,3 +70,10 @@ def check_ckpt_path(ckpt_path: str | None, key: str = "ckpt_path") -> str | None
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The whole config with interpolations resolved, as plain dicts (for loggers)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+
+
+def job_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job (``[]`` outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
