@@ -116,22 +116,21 @@ def test_val_and_train_splits_report_their_size_and_reproduce_training(azimuth_r
 
 
 @pytest.mark.slow
-def test_multi_crop_on_mnist_fails_before_reading_data(mnist_ckpt):
+@pytest.mark.parametrize(
+    "override, messages",
+    [
+        ("test_crops=5", ["test_crops=5: MNISTDataModule has no multi-crop testing", "Fix: drop test_crops="]),
+        ("split=holdout", ["split must be one of test, val, train; got 'holdout'"]),
+    ],
+    ids=["crops_on_mnist", "bad_split"],
+)
+def test_cli_errors_before_reading_data(mnist_ckpt, override, messages):
     before = results(mnist_ckpt)
-    proc = eval_cli(mnist_ckpt, "test_crops=5")
+    proc = eval_cli(mnist_ckpt, override)
     assert proc.returncode != 0
-    assert "test_crops=5: MNISTDataModule has no multi-crop testing" in proc.stderr
-    assert "Fix: drop test_crops=" in proc.stderr
+    for message in messages:
+        assert message in proc.stderr
     assert "Testing" not in proc.stdout + proc.stderr and results(mnist_ckpt) == before
-
-
-@pytest.mark.slow
-def test_bad_split_fails_listing_the_valid_ones(mnist_ckpt):
-    before = results(mnist_ckpt)
-    proc = eval_cli(mnist_ckpt, "split=holdout")
-    assert proc.returncode != 0
-    assert "split must be one of test, val, train; got 'holdout'" in proc.stderr
-    assert results(mnist_ckpt) == before
 
 
 # --------------------------------------------------------------------------- in-process
