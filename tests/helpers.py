@@ -12,7 +12,7 @@ import torch
 
 from capsnets.data import write_norb
 from capsnets.data.idx import write_idx
-
+from capsnets.nn import ClassCapsules, ConvCapsules, build_routing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,64 @@ SMALL_DR_CAPS = [
     "model.net.class_dim=8",
     "model.net.decoder_hidden=[32,64]",
 ]
+
+
+# --- matrix-capsule layers with EM routing -------------------------------------------
+
+
+def em(out_types: int, *, impl: str = "fused", role: str = "hidden", **settings):
+    return build_routing({"name": "em", "impl": impl, **settings}, kind="matrix", out_types=out_types, role=role)
+
+
+def conv_layer(
+    in_types: int,
+    out_types: int,
+    kernel_size: int,
+    stride: int,
+    *,
+    impl: str = "fused",
+    pose: str = "matrix",
+    **settings,
+) -> ConvCapsules:
+    """A ConvCapsules layer with EM routing (``settings`` of the routing)."""
+    return ConvCapsules(
+        in_types=in_types,
+        out_types=out_types,
+        kernel_size=kernel_size,
+        stride=stride,
+        pose=pose,
+        routing=em(out_types, impl=impl, **settings),
+    )
+
+
+def class_layer(
+    in_types: int,
+    num_classes: int,
+    *,
+    impl: str = "fused",
+    coordinate_addition: bool = True,
+    pose: str = "matrix",
+    **settings,
+) -> ClassCapsules:
+    return ClassCapsules(
+        in_types=in_types,
+        num_classes=num_classes,
+        coordinate_addition=coordinate_addition,
+        pose=pose,
+        routing=em(num_classes, impl=impl, role="class", **settings),
+    )
+
+
+def final_assignments(layer, *args):
+    """Run ``layer`` recording its routing; returns the outputs and the last iteration's R (B, P, K, T_in, T_out).
+
+    The E-step after the last M-step is skipped, so the R the last M-step used is the final one."""
+    layer.routing.record_trace = True
+    try:
+        out = layer(*args)
+        return out, layer.routing.trace.assignments[-1]
+    finally:
+        layer.routing.record_trace = False
 
 
 def hermetic_env(**extra: str) -> dict[str, str]:
@@ -39,15 +97,22 @@ def run_cli(
     script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Run ``python <script> overrides...`` exactly as a user would, returning the finished process.
+    ``script`` is a file under the repository root, or ``-m <module>`` (a console script's module).
     ``env``: extra environment variables (e.g. ``{"WANDB_MODE": "disabled"}``)."""
     env = hermetic_env(**(env or {}))
+    target = script.split() if script.startswith("-m ") else [str(ROOT / script)]
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, *target, *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 # --- tiny data files in the real formats ------------------------------------------
+
 
 def write_tiny_mnist(root: Path, n_train: int = 96, n_test: int = 32, gz: bool = True) -> None:
     raw = root / "MNIST" / "raw"

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def last_metric(run_dir: Path, name: str) -> float:
-    rows = list(csv.DictReader(open(next(run_dir.glob("csv/version_*/metrics.csv")))))
+    with open(next(run_dir.glob("csv/version_*/metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     values = [float(r[name]) for r in rows if r.get(name) not in (None, "")]
     assert values, f"{name} not logged"
     return values[-1]
@@ -23,9 +24,16 @@ def last_metric(run_dir: Path, name: str) -> float:
 
 def synthetic_run(tmp_path: Path, name: str, *extra: str) -> list[str]:
     return [
-        "data=synthetic", *SMALL_DR_CAPS, "trainer=cpu", "trainer.max_epochs=1",
-        "data.num_train=128", "data.num_val=64", "data.num_test=64",
-        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / name}", *extra,
+        "data=synthetic",
+        *SMALL_DR_CAPS,
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "data.num_train=128",
+        "data.num_val=64",
+        "data.num_test=64",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / name}",
+        *extra,
     ]
 
 
@@ -36,7 +44,7 @@ def test_train_eval_resume_on_synthetic(cli, tmp_path):
     last = run1 / "checkpoints" / "last.ckpt"
     best = next((run1 / "checkpoints").glob("epoch_*.ckpt"))
     assert last.is_file()
-    assert f"Best checkpoint" in proc.stdout and str(run1) in proc.stdout
+    assert "Best checkpoint" in proc.stdout and str(run1) in proc.stdout
     test_acc = last_metric(run1, "test/acc")
 
     # the checkpoint is plain data: PyTorch's default weights_only=True reads it
@@ -66,9 +74,18 @@ def test_train_on_tiny_idx_files(cli, tmp_path):
     data = tmp_path / "data"
     write_tiny_mnist(data)
     proc = cli(
-        "train.py", "data=mnist", f"data.data_dir={data}", "data.download=false", "data.val_size=32",
-        "data.batch_size=32", "data.num_workers=0", *SMALL_DR_CAPS, "trainer=cpu", "trainer.max_epochs=1",
-        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+        "train.py",
+        "data=mnist",
+        f"data.data_dir={data}",
+        "data.download=false",
+        "data.val_size=32",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        *SMALL_DR_CAPS,
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
@@ -78,7 +95,9 @@ def test_train_on_tiny_idx_files(cli, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.net.routing_iterations=0"], "model.net.routing_iterations must be an integer >= 1"),
+        (["model.routing.iterations=0"], "model.routing.iterations must be an integer >= 1"),
+        (["model/routing=em"], "routing 'em' does not support vector capsules"),
+        (["+model.routing.iteration=2"], "iteration is not a setting of routing 'dynamic'"),
         (["model.net.class_dim=0"], "model.net.class_dim must be an integer >= 1"),
         (["model.optimizer.lr=-0.1"], "model.optimizer.lr must be a finite number > 0"),
         (["data.batch_size=0"], "data.batch_size"),
@@ -95,12 +114,21 @@ def test_bad_config_fails_before_training(cli, tmp_path, overrides, message):
 
 def test_missing_dataset_without_network_names_files_and_fixes(cli, tmp_path):
     proc = cli(
-        "train.py", "data=mnist", f"data.data_dir={tmp_path / 'empty'}", "data.download=false",
-        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+        "train.py",
+        "data=mnist",
+        f"data.data_dir={tmp_path / 'empty'}",
+        "data.download=false",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     out = proc.stderr + proc.stdout
     assert proc.returncode != 0
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         assert name in out
     assert str(tmp_path / "empty") in out and "data=mnist_sample" in out
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -110,7 +138,7 @@ def test_existing_checkpoints_are_not_touched_by_a_failing_run(cli, tmp_path):
     ckpt_dir = tmp_path / "run" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
     (ckpt_dir / "last.ckpt").write_bytes(b"precious")
-    proc = cli("train.py", *synthetic_run(tmp_path, "run"), "model.net.routing_iterations=0")
+    proc = cli("train.py", *synthetic_run(tmp_path, "run"), "model.routing.iterations=0")
     assert proc.returncode != 0
     assert (ckpt_dir / "last.ckpt").read_bytes() == b"precious"
 
@@ -135,8 +163,13 @@ def test_debug_modes_and_loggers(cli, tmp_path, extra, produced):
 @pytest.mark.parametrize("model", ["cnn_sabour2017", "cnn_hinton2018", "em_caps_small"])
 def test_every_other_model_runs_through_the_cli(cli, tmp_path, model):
     proc = cli(
-        "train.py", f"model={model}", "data=synthetic", "debug=fdr", "data.batch_size=8",
-        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+        "train.py",
+        f"model={model}",
+        "data=synthetic",
+        "debug=fdr",
+        "data.batch_size=8",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test/acc" in proc.stdout

@@ -7,9 +7,13 @@ from pathlib import Path
 import hydra
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from lightning import LightningDataModule, LightningModule
 from omegaconf import OmegaConf
 
+from capsnets.errors import ConfigError
+from capsnets.nn.routing import routing_class, routing_layers, routing_names
+from capsnets.utils.instantiate import check_model_config
 from capsnets.utils.resolvers import CONFIG_DIR
 
 MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
@@ -30,7 +34,7 @@ def test_defaults_are_paper_setup():
     cfg = compose_train([])
     assert cfg.data._target_.endswith("MNISTDataModule") and "Fashion" not in cfg.data._target_
     assert cfg.model._target_ == "capsnets.models.DRCapsModule"
-    assert cfg.model.net.routing_iterations == 3 and cfg.model.loss.recon_weight == 0.0005
+    assert cfg.model.routing.iterations == 3 and cfg.model.loss.recon_weight == 0.0005
     assert cfg.model.optimizer.lr == 0.001 and cfg.data.batch_size == 128
     assert Path(cfg.paths.data_dir) == CONFIG_DIR.parent / "data"
 
@@ -53,14 +57,47 @@ def test_every_option_composes(group):
         assert cfg.trainer._target_ == "lightning.Trainer", option
 
 
+ROUTING_OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "model" / "routing").glob("*.yaml"))
+
+
+def test_every_registered_routing_has_a_config_and_every_config_a_routing():
+    names = {OmegaConf.load(CONFIG_DIR / "model" / "routing" / f"{option}.yaml").name for option in ROUTING_OPTIONS}
+    assert names == set(routing_names()) and {"dynamic", "em"} <= names
+
+
+@pytest.mark.parametrize("option", ROUTING_OPTIONS)
+@pytest.mark.parametrize("model", MODELS)
+def test_routing_options_build_on_every_model_of_their_kind(model, option):
+    """model/routing=<option> composes with every model; one of another capsule kind is refused, naming the options."""
+    overrides = [f"model={model}", f"model/routing={option}", "data=synthetic"]
+    if model.startswith("cnn"):  # no capsules, no routing to choose
+        with pytest.raises(ConfigCompositionException, match="model/routing"):
+            compose_train(overrides)
+        return
+    cfg = compose_train(overrides)
+    kind = hydra.utils.get_class(cfg.model._target_).capsule_kind
+    cls_kinds = routing_class(cfg.model.routing).kinds
+    if kind not in cls_kinds:
+        with pytest.raises(ConfigError, match=f"does not support {kind} capsules.*Routings for {kind} capsules"):
+            check_model_config(cfg.model)
+        return
+    check_model_config(cfg.model)
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert {r.name for r in routing_layers(module.net).values()} == {cfg.model.routing.name}
+
+
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 HINTON_ROWS = sorted(p.stem for p in (CONFIG_DIR / "hinton2018_row").glob("*.yaml"))
 
 
 def test_all_paper_presets_exist():
     assert set(EXPERIMENTS) == {
-        "sabour2017_mnist", "sabour2017_table1", "hinton2018_smallnorb", "hinton2018_table1",
-        "hinton2018_novel_azimuth", "hinton2018_novel_elevation",
+        "sabour2017_mnist",
+        "sabour2017_table1",
+        "hinton2018_smallnorb",
+        "hinton2018_table1",
+        "hinton2018_novel_azimuth",
+        "hinton2018_novel_elevation",
     }
     assert len(HINTON_ROWS) == 8
 
@@ -86,7 +123,7 @@ def test_sabour_table1_sweeps_the_papers_grid():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=sabour2017_table1"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert params["model.net.routing_iterations"] == "1,3" and params["seed"] == "1,2,3"
+    assert params["model.routing.iterations"] == "1,3" and params["seed"] == "1,2,3"
     assert params["model.net.reconstruction"] == "false,true"
 
 
@@ -122,8 +159,11 @@ def test_optuna_searches_compose_with_the_optuna_sweeper_and_valid_params(search
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "slurm", "submitit_local"])
 def test_launchers_compose(launcher):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=4"],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name="train",
+            overrides=[f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=4"],
+            return_hydra_config=True,
+        )
     assert launcher.split("_")[0] in cfg.hydra.launcher._target_.lower() or launcher == "slurm"
     if launcher == "slurm":
         assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")

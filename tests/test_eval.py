@@ -19,7 +19,8 @@ from capsnets.data.smallnorb import AZIMUTH_TRAIN_DEGREES
 from capsnets.errors import ConfigError
 from capsnets.eval import evaluate
 from capsnets.utils.resolvers import CONFIG_DIR
-from helpers import N, SMALL_DR_CAPS, run_cli, write_fake_smallnorb, write_tiny_mnist
+
+from helpers import SMALL_DR_CAPS, N, run_cli, write_fake_smallnorb, write_tiny_mnist
 
 TINY_EM = ["model.net.A=8", "model.net.B=4", "model.net.C=4", "model.net.D=4"]
 SMALL_CROPS = ["data.resize=24", "data.image_size=20"]  # 20 px crops of 24 px images: the smallest em_caps input
@@ -40,9 +41,20 @@ def azimuth_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("azimuth")
     write_fake_smallnorb(root / "data")
     proc = run_cli(
-        "train.py", "model=em_caps", "data=smallnorb_azimuth", f"data.data_dir={root / 'data'}", "data.download=false",
-        f"data.val_size={VAL_SIZE}", "data.batch_size=16", *SMALL_CROPS, *TINY_EM, "trainer=cpu", "trainer.max_epochs=1", "logger=none",
-        f"paths.log_dir={root}", f"hydra.run.dir={root / 'run'}",
+        "train.py",
+        "model=em_caps",
+        "data=smallnorb_azimuth",
+        f"data.data_dir={root / 'data'}",
+        "data.download=false",
+        f"data.val_size={VAL_SIZE}",
+        "data.batch_size=16",
+        *SMALL_CROPS,
+        *TINY_EM,
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "logger=none",
+        f"paths.log_dir={root}",
+        f"hydra.run.dir={root / 'run'}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run" / "checkpoints" / "last.ckpt", proc.stdout
@@ -54,9 +66,20 @@ def mnist_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("mnist")
     write_tiny_mnist(root / "data")
     proc = run_cli(
-        "train.py", "data=mnist", f"data.data_dir={root / 'data'}", "data.download=false", "data.val_size=32",
-        "data.batch_size=32", "data.num_workers=0", *SMALL_DR_CAPS, "trainer=cpu", "trainer.max_epochs=1",
-        "logger=none", "test=false", f"paths.log_dir={root}", f"hydra.run.dir={root / 'run'}",
+        "train.py",
+        "data=mnist",
+        f"data.data_dir={root / 'data'}",
+        "data.download=false",
+        "data.val_size=32",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        *SMALL_DR_CAPS,
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "logger=none",
+        "test=false",
+        f"paths.log_dir={root}",
+        f"hydra.run.dir={root / 'run'}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run" / "checkpoints" / "last.ckpt"
@@ -69,9 +92,20 @@ def results(ckpt: Path) -> dict[str, dict]:
 
 def eval_cli(ckpt: Path, *overrides: str, multirun: bool = False):  # noqa: ANN201
     log_dir = ckpt.parents[2]
-    where = f"hydra.sweep.dir={log_dir / 'sweeps' / str(len(overrides))}" if multirun else f"hydra.run.dir={log_dir / 'eval'}"
-    return run_cli("eval.py", *(["-m"] if multirun else []), f"ckpt_path={ckpt}", *overrides, "logger=none",
-                   f"paths.log_dir={log_dir}", where)
+    where = (
+        f"hydra.sweep.dir={log_dir / 'sweeps' / str(len(overrides))}"
+        if multirun
+        else f"hydra.run.dir={log_dir / 'eval'}"
+    )
+    return run_cli(
+        "eval.py",
+        *(["-m"] if multirun else []),
+        f"ckpt_path={ckpt}",
+        *overrides,
+        "logger=none",
+        f"paths.log_dir={log_dir}",
+        where,
+    )
 
 
 # --------------------------------------------------------------------------- through the CLI
@@ -108,7 +142,12 @@ def test_val_and_train_splits_report_their_size_and_reproduce_training(azimuth_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = results(ckpt)
     val, train = files["last.eval-val.json"], files["last.eval-train.json"]
-    assert (val["split"], val["num_examples"], val["split_size"], val["viewpoints"]) == ("val", VAL_SIZE, VAL_SIZE, None)
+    assert (val["split"], val["num_examples"], val["split_size"], val["viewpoints"]) == (
+        "val",
+        VAL_SIZE,
+        VAL_SIZE,
+        None,
+    )
     assert (train["split"], train["num_examples"]) == ("train", FAMILIAR - VAL_SIZE)
     # logged as test/acc (sweepers read that key), but it is the validation accuracy train.py logged
     assert val["metrics"]["test/acc"] == pytest.approx(logged(train_stdout, "val/acc"), abs=1e-4)
@@ -136,20 +175,26 @@ def test_cli_errors_before_reading_data(mnist_ckpt, override, messages):
 # --------------------------------------------------------------------------- in-process
 def compose_eval(tmp_path: Path, *overrides: str):  # noqa: ANN201
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("eval", overrides=[*overrides, "logger=none", "trainer=cpu", f"paths.output_dir={tmp_path / 'out'}"])
+        return compose(
+            "eval", overrides=[*overrides, "logger=none", "trainer=cpu", f"paths.output_dir={tmp_path / 'out'}"]
+        )
 
 
+@pytest.mark.slow  # trains through train.py (the module fixture)
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["viewpoints=novel"], "viewpoints=novel: MNISTDataModule has no novel-viewpoint protocol"),
-        (["viewpoints=sideways"], "viewpoints must be one of novel, familiar, all; got 'sideways'"),
+        (["viewpoints=sideways"], "viewpoints=sideways: MNISTDataModule has no novel-viewpoint protocol"),
         (["split=val", "viewpoints=familiar"], "viewpoints=familiar selects rows of the test split, but split=val"),
         (["+data_overrides.crop=3"], "MNISTDataModule has no setting crop. Valid settings: batch_size,"),
         (["data_overrides=4"], "data_overrides must be a mapping"),
         (["test_crops=0"], "test_crops must be an integer >= 1, got 0"),
-        (["data=synthetic", "data.num_classes=5"],
-         "SyntheticDataModule gives 1x28x28 images, 5 classes; the checkpoint's network expects 1x28x28 images, 10 classes"),
+        (
+            ["data=synthetic", "data.num_classes=5"],
+            "SyntheticDataModule gives 1x28x28 images, 5 classes; "
+            "the checkpoint's network expects 1x28x28 images, 10 classes",
+        ),
     ],
 )
 def test_config_errors_on_an_mnist_checkpoint(mnist_ckpt, tmp_path, overrides, message):
@@ -159,20 +204,33 @@ def test_config_errors_on_an_mnist_checkpoint(mnist_ckpt, tmp_path, overrides, m
     assert results(mnist_ckpt) == before
 
 
+@pytest.mark.slow  # trains through train.py (the module fixture)
 def test_spawned_workers_are_refused_before_testing(mnist_ckpt, tmp_path):
     before = results(mnist_ckpt)
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("eval", overrides=[f"ckpt_path={mnist_ckpt}", "logger=none", "trainer=ddp_sim",
-                                         f"paths.output_dir={tmp_path / 'out'}"])
+        cfg = compose(
+            "eval",
+            overrides=[
+                f"ckpt_path={mnist_ckpt}",
+                "logger=none",
+                "trainer=ddp_sim",
+                f"paths.output_dir={tmp_path / 'out'}",
+            ],
+        )
     with pytest.raises(ConfigError, match=re.escape("cannot run under a ddp_spawn strategy")):
         evaluate(cfg)
     assert results(mnist_ckpt) == before
 
 
+@pytest.mark.slow  # trains through train.py (the module fixture)
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["+data_overrides.split=standard", "viewpoints=familiar"], "with data.split=standard has no novel-viewpoint protocol"),
+        (
+            ["+data_overrides.split=standard", "viewpoints=familiar"],
+            "with data.split=standard has no novel-viewpoint protocol",
+        ),
+        (["viewpoints=sideways"], "viewpoints must be one of novel, familiar, all; got 'sideways'"),
         (["test_crops=3", "+data_overrides.test_crops=5"], "test_crops=3 and data_overrides.test_crops=5 disagree"),
         (["test_crops=26"], "data.test_crops must be in 1..25 (distinct 20px crops of a 24px image)"),
     ],
@@ -192,6 +250,7 @@ def test_missing_checkpoint_is_named(tmp_path):
         evaluate(compose_eval(tmp_path))
 
 
+@pytest.mark.slow  # trains through train.py (the module fixture)
 def test_same_setting_replaces_its_file_and_data_changes_get_their_own(mnist_ckpt, tmp_path):
     before = set(results(mnist_ckpt))
     first = evaluate(compose_eval(tmp_path, f"ckpt_path={mnist_ckpt}"))
@@ -227,5 +286,5 @@ def test_test_viewpoints_and_eval_split_select_the_rows(tmp_path):
     with pytest.raises(ConfigError, match="split must be one of test, val, train"):
         dm.set_eval_split("dev")
     standard = SmallNORBDataModule(str(tmp_path), download=False)
-    with pytest.raises(ConfigError, match="need a novel-viewpoint protocol"):
+    with pytest.raises(ConfigError, match="with data.split=standard has no novel-viewpoint protocol"):
         standard.set_test_viewpoints("novel")

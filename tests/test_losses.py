@@ -14,7 +14,9 @@ def test_margin_loss_golden():
 
 def test_margin_loss_params_used():
     lengths = torch.tensor([[0.5, 0.5]])
-    assert margin_loss(lengths, torch.tensor([0]), m_plus=0.6, m_minus=0.4, down_weight=1.0).item() == pytest.approx(0.02)
+    assert margin_loss(lengths, torch.tensor([0]), m_plus=0.6, m_minus=0.4, down_weight=1.0).item() == pytest.approx(
+        0.02
+    )
     assert margin_loss(lengths, torch.tensor([0]), m_plus=0.5, m_minus=0.5).item() == 0.0
 
 

@@ -1,11 +1,9 @@
-"""scripts/summarize.py on fake sweep folders in the format train.py writes (no training)."""
+"""capsnets-summarize (capsnets.results) on fake sweep folders in the format train.py writes (no training)."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +11,24 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import ROOT, run_cli
+from capsnets import results as summarize
 
-SCRIPT = "scripts/summarize.py"
+from helpers import run_cli
+
+SCRIPT = "-m capsnets.results.cli"  # the capsnets-summarize console script
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _load_script() -> Any:
-    spec = importlib.util.spec_from_file_location("capsnets_scripts_summarize", ROOT / SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-summarize = _load_script()
-
-
-def write_job(sweep: Path, num: int, overrides: list[str], metrics: dict[str, float] | None,
-              paper: dict[str, Any] | None = None, seed: int | None = None, task_name: str = "fake_sweep") -> Path:
+def write_job(
+    sweep: Path,
+    num: int,
+    overrides: list[str],
+    metrics: dict[str, float] | None,
+    paper: dict[str, Any] | None = None,
+    seed: int | None = None,
+    task_name: str = "fake_sweep",
+    curve: list[dict[str, float]] | None = None,
+) -> Path:
     """One job folder as Hydra + train.py leave it; ``metrics=None``: the job did not finish."""
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
@@ -40,16 +36,26 @@ def write_job(sweep: Path, num: int, overrides: list[str], metrics: dict[str, fl
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task_name": task_name, "seed": seed}))
     if metrics is not None:
         record = {
-            "task_name": task_name, "overrides": overrides, "seed": seed,
-            "optimized_metric": "val/acc", "optimized_value": metrics.get("val/acc"),
-            "metrics": metrics, "paper": paper,
+            "task_name": task_name,
+            "overrides": overrides,
+            "seed": seed,
+            "optimized_metric": "val/acc",
+            "optimized_value": metrics.get("val/acc"),
+            "metrics": metrics,
+            "paper": paper,
+            **({"curve": curve} if curve else {}),
         }
         (job / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     return job
 
 
-def make_sweep(root: Path, configs: dict[tuple[str, ...], list[float | None]], *, seeds: tuple[int, ...] = (1, 2, 3),
-               paper: dict[tuple[str, ...], dict[str, Any]] | None = None) -> tuple[Path, dict[tuple[str, ...], list[dict]]]:
+def make_sweep(
+    root: Path,
+    configs: dict[tuple[str, ...], list[float | None]],
+    *,
+    seeds: tuple[int, ...] = (1, 2, 3),
+    paper: dict[tuple[str, ...], dict[str, Any]] | None = None,
+) -> tuple[Path, dict[tuple[str, ...], list[dict]]]:
     """A multirun folder with one job per (configuration, seed), the sweeper's order (seed innermost).
     ``configs[c][i]`` is the test/acc of seed i (None: job unfinished); other metrics derive from it."""
     sweep = root / "outputs" / "fake_sweep" / "multiruns" / "2025-01-31_12-00-00"
@@ -62,8 +68,13 @@ def make_sweep(root: Path, configs: dict[tuple[str, ...], list[float | None]], *
         for seed, acc in zip(seeds, accs):
             metrics = None
             if acc is not None:
-                metrics = {"test/acc": acc, "test/loss": 1.0 - acc + 0.01 * seed, "val/acc": acc + 0.001,
-                           "val/loss": 0.3, "train/loss": 0.4}
+                metrics = {
+                    "test/acc": acc,
+                    "test/loss": 1.0 - acc + 0.01 * seed,
+                    "val/acc": acc + 0.001,
+                    "val/loss": 0.3,
+                    "train/loss": 0.4,
+                }
                 per_config[config].append(metrics)
             write_job(sweep, num, [*config, f"seed={seed}"], metrics, (paper or {}).get(config), seed)
             num += 1
@@ -158,8 +169,9 @@ def test_single_seed_has_no_std_and_paper_disagreement_warns(tmp_path: Path) -> 
     sweep_dir = tmp_path / "sweep"
     write_job(sweep_dir, 0, ["+hinton2018_row=iterations_1"], {"test/acc": 0.9}, PAPER, seed=42)
     write_job(sweep_dir, 1, ["+hinton2018_row=iterations_3"], {"test/acc": 0.98}, {**PAPER, "target": 0.982}, seed=42)
-    write_job(sweep_dir, 2, ["+hinton2018_row=iterations_3", "seed=1"], {"test/acc": 0.97}, {**PAPER, "target": 0.5},
-              seed=1)
+    write_job(
+        sweep_dir, 2, ["+hinton2018_row=iterations_3", "seed=1"], {"test/acc": 0.97}, {**PAPER, "target": 0.5}, seed=1
+    )
     result = summarize.summarize(sweep_dir)
     assert [r.label for r in result.rows] == ["+hinton2018_row=iterations_1", "+hinton2018_row=iterations_3"]
     assert result.rows[0].stats["test/acc"].std is None
@@ -170,25 +182,27 @@ def test_single_seed_has_no_std_and_paper_disagreement_warns(tmp_path: Path) -> 
 
 
 def test_ignore_and_group_by(tmp_path: Path) -> None:
-    configs = {("model.net.routing_iterations=1", "trainer=cpu"): [0.90, 0.92],
-               ("model.net.routing_iterations=3", "trainer=cpu"): [0.95, 0.96],
-               ("model.net.routing_iterations=1", "trainer=gpu"): [0.91, 0.93]}
+    configs = {
+        ("model.routing.iterations=1", "trainer=cpu"): [0.90, 0.92],
+        ("model.routing.iterations=3", "trainer=cpu"): [0.95, 0.96],
+        ("model.routing.iterations=1", "trainer=gpu"): [0.91, 0.93],
+    }
     sweep_dir, _ = make_sweep(tmp_path, configs, seeds=(1, 2))
     assert len(summarize.summarize(sweep_dir).rows) == 3
     by_ignore = summarize.summarize(sweep_dir, ignore=["trainer"])
-    by_group = summarize.summarize(sweep_dir, group_by=["model.net.routing_iterations"])
+    by_group = summarize.summarize(sweep_dir, group_by=["model.routing.iterations"])
     for result in (by_ignore, by_group):
-        assert [r.label for r in result.rows] == ["model.net.routing_iterations=1", "model.net.routing_iterations=3"]
+        assert [r.label for r in result.rows] == ["model.routing.iterations=1", "model.routing.iterations=3"]
         assert result.rows[0].stats["test/acc"].mean == pytest.approx(np.mean([0.90, 0.92, 0.91, 0.93]))
-        assert summarize.numeric_axis(result.rows) == ("model.net.routing_iterations", [1.0, 3.0])
+        assert summarize.numeric_axis(result.rows) == ("model.routing.iterations", [1.0, 3.0])
     assert summarize.numeric_axis(summarize.summarize(sweep_dir).rows) is None  # two keys differ
 
 
 def test_line_plot_over_numeric_override(tmp_path: Path) -> None:
-    configs = {(f"model.net.routing_iterations={r}",): [0.9 + r / 100, 0.91 + r / 100] for r in (1, 2, 3, 5)}
+    configs = {(f"model.routing.iterations={r}",): [0.9 + r / 100, 0.91 + r / 100] for r in (1, 2, 3, 5)}
     sweep_dir, _ = make_sweep(tmp_path, configs, seeds=(1, 2))
     result = summarize.summarize(sweep_dir)
-    assert summarize.numeric_axis(result.rows) == ("model.net.routing_iterations", [1.0, 2.0, 3.0, 5.0])
+    assert summarize.numeric_axis(result.rows) == ("model.routing.iterations", [1.0, 2.0, 3.0, 5.0])
     assert summarize.plot(result, tmp_path / "line.png")
     assert (tmp_path / "line.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -209,10 +223,14 @@ def test_errors_exit_2_with_one_line(tmp_path: Path, case: str) -> None:
     proc = run_cli(SCRIPT, str(target), *extra)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("summarize.py: error:"), proc.stderr
-    expected = {"missing": "does not exist", "not_multirun": "not a Hydra multirun folder",
-                "single_run": "single run's folder", "no_finished": "none of the 2 jobs",
-                "unknown_metric": "pass --metric with one of: test/acc"}[case]
+    assert len(lines) == 1 and lines[0].startswith("capsnets-summarize: error:"), proc.stderr
+    expected = {
+        "missing": "does not exist",
+        "not_multirun": "not a Hydra multirun folder",
+        "single_run": "single run's folder",
+        "no_finished": "none of the 2 jobs",
+        "unknown_metric": "pass --metric with one of: test/acc",
+    }[case]
     assert expected in lines[0]
     assert not (target / "summary.md").exists()
 
@@ -222,3 +240,26 @@ def test_help_documents_options() -> None:
     assert proc.returncode == 0
     for option in ("SWEEP_DIR", "--out", "--metric", "--ignore", "--group-by", "summary.csv", "summary.png"):
         assert option in proc.stdout
+
+
+def test_learning_curves_mean_and_std_per_sample_count(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    curves = {  # (model, seed) -> accuracy at 0, 1000, 2000 samples
+        ("model=em_caps_small", 1): [0.10, 0.50, 0.80], ("model=em_caps_small", 2): [0.12, 0.60, 0.84],
+        ("model=dr_caps", 1): [0.09, 0.90, 0.95], ("model=dr_caps", 2): [0.11, 0.92, 0.97],
+    }
+    for num, ((model, seed), accs) in enumerate(curves.items()):
+        points = [{"samples": n, "acc": a} for n, a in zip((0, 1000, 2000), accs)]
+        write_job(sweep_dir, num, [model, f"seed={seed}"], {"test/acc": accs[-1]}, seed=seed, curve=points)
+    result = summarize.summarize(sweep_dir)
+    by_label = {c.label: c for c in summarize.curves(result)}
+    assert by_label["model=em_caps_small"].samples == [0, 1000, 2000]
+    stat = by_label["model=em_caps_small"].stats[1]
+    assert stat.mean == pytest.approx(0.55) and stat.std == pytest.approx(np.std([0.5, 0.6], ddof=1)) and stat.n == 2
+    proc = run_cli(SCRIPT, str(sweep_dir))
+    assert proc.returncode == 0, proc.stderr
+    table = (sweep_dir / "curves.md").read_text()
+    assert "| 1,000 | 55.00 ± 7.07 | 91.00 ± 1.41 |" in table
+    assert (sweep_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    rows = list(csv.DictReader((sweep_dir / "curves.csv").open()))
+    assert len(rows) == 6 and {r["configuration"] for r in rows} == {"model=em_caps_small", "model=dr_caps"}

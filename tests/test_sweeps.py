@@ -1,5 +1,5 @@
 """Real Hydra multiruns through the CLI: basic launcher, joblib launcher, Optuna sweeper, and
-``scripts/summarize.py`` on the finished sweep folders."""
+``capsnets-summarize`` on the finished sweep folders."""
 
 from __future__ import annotations
 
@@ -16,8 +16,14 @@ from helpers import SMALL_DR_CAPS
 pytestmark = pytest.mark.slow
 
 TINY_RUN = [
-    "data=synthetic", *SMALL_DR_CAPS, "trainer=cpu", "trainer.max_epochs=1",
-    "data.num_train=64", "data.num_val=32", "data.num_test=32", "logger=csv",
+    "data=synthetic",
+    *SMALL_DR_CAPS,
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "data.num_train=64",
+    "data.num_val=32",
+    "data.num_test=32",
+    "logger=csv",
 ]
 
 
@@ -61,7 +67,7 @@ def test_basic_sweep_writes_one_folder_per_job_in_one_sweep_folder(basic_sweep):
 
 
 def test_summarize_aggregates_the_seeds_with_the_right_mean_and_std(cli, basic_sweep):
-    proc = cli("scripts/summarize.py", str(basic_sweep))
+    proc = cli("-m capsnets.results.cli", str(basic_sweep))
     assert proc.returncode == 0, proc.stderr[-3000:]
     values = [_metrics(basic_sweep / job)["metrics"]["test/acc"] for job in ("0", "1")]
     (row,) = _summary_rows(basic_sweep)  # one configuration: the seeds are aggregated
@@ -94,8 +100,14 @@ def test_other_launchers_run_the_same_jobs_in_worker_processes(cli, tmp_path, ba
 
 
 def test_optuna_sweep_of_three_trials_maximises_the_returned_metric(cli, tmp_path):
-    proc = cli("train.py", "-m", "hparams_search=dr_caps_optuna", "hydra.sweeper.n_trials=3", *TINY_RUN,
-               f"paths.log_dir={tmp_path}")
+    proc = cli(
+        "train.py",
+        "-m",
+        "hparams_search=dr_caps_optuna",
+        "hydra.sweeper.n_trials=3",
+        *TINY_RUN,
+        f"paths.log_dir={tmp_path}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = _only_sweep(tmp_path, "dr_caps_optuna")
     trials = {job: _metrics(sweep / job) for job in ("0", "1", "2")}
@@ -111,9 +123,10 @@ def test_optuna_sweep_of_three_trials_maximises_the_returned_metric(cli, tmp_pat
     # the three trials sampled different learning rates; summarize lists each as its own row
     lrs = {next(o for o in t["overrides"] if o.startswith("model.optimizer.lr=")) for t in trials.values()}
     assert len(lrs) == 3
-    proc = cli("scripts/summarize.py", str(sweep))
+    proc = cli("-m capsnets.results.cli", str(sweep))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _summary_rows(sweep)
     assert len(rows) == 3 and all(int(r["n"]) == 1 for r in rows)
     assert sorted(float(r["test/acc_mean"]) for r in rows) == pytest.approx(
-        sorted(t["metrics"]["test/acc"] for t in trials.values()))
+        sorted(t["metrics"]["test/acc"] for t in trials.values())
+    )

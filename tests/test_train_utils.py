@@ -3,7 +3,7 @@ import logging
 import pytest
 
 from capsnets.errors import ConfigError
-from capsnets.train import metric_value
+from capsnets.results import metric_value
 from capsnets.utils.instantiate import check_ckpt_path
 
 

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from capsnets.errors import ConfigError
 from capsnets.utils import wandb_logger as wl
+
 from helpers import SMALL_DR_CAPS
 from wandb_records import read_offline_run
 
@@ -93,6 +94,7 @@ def test_logger_outside_hydra_uses_task_name_and_folder_name(no_wandb_env, tmp_p
 
 # --- end to end: a real multirun through the CLI --------------------------------------------------
 
+
 def _offline_runs(job_dir: Path) -> list[Path]:
     return sorted((job_dir / "wandb").glob("offline-run-*"))
 
@@ -101,12 +103,22 @@ def _offline_runs(job_dir: Path) -> list[Path]:
 def test_multirun_makes_one_offline_wandb_run_per_job_and_modes_do_not_leak(cli, tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli(
-        "train.py", "-m", "data=synthetic", *SMALL_DR_CAPS, "trainer=cpu", "trainer.max_epochs=1",
-        "data.num_train=64", "data.num_val=32", "data.num_test=32", "tags=[wbtest]",
+        "train.py",
+        "-m",
+        "data=synthetic",
+        *SMALL_DR_CAPS,
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "data.num_train=64",
+        "data.num_val=32",
+        "data.num_test=32",
+        "tags=[wbtest]",
         "logger.wandb.log_model=true",
         # job order: (seed 1, auto), (seed 1, disabled), (seed 2, auto): job 2 must not inherit job 1's mode
-        "seed=1,2", "logger.wandb.mode=null,disabled",
-        f"paths.log_dir={tmp_path}", f"hydra.sweep.dir={sweep}",
+        "seed=1,2",
+        "logger.wandb.mode=null,disabled",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
         # W&B's default folders for staging and caches, kept inside tmp_path to see that nothing lands there
         env={"XDG_DATA_HOME": str(tmp_path / "xdg_data"), "XDG_CACHE_HOME": str(tmp_path / "xdg_cache")},
     )
@@ -143,9 +155,16 @@ def test_multirun_makes_one_offline_wandb_run_per_job_and_modes_do_not_leak(cli,
 @pytest.mark.slow
 def test_wandb_mode_disabled_in_environment_writes_no_wandb_files(cli, tmp_path):
     proc = cli(
-        "train.py", "data=synthetic", *SMALL_DR_CAPS, "trainer=cpu", "trainer.max_epochs=1",
-        "data.num_train=64", "data.num_val=32", "data.num_test=32",
-        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+        "train.py",
+        "data=synthetic",
+        *SMALL_DR_CAPS,
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "data.num_train=64",
+        "data.num_val=32",
+        "data.num_test=32",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         env={"WANDB_MODE": "disabled"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -161,9 +180,17 @@ def test_ddp_spawn_workers_keep_wandb_files_under_the_run_dir(cli, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     proc = cli(
-        "train.py", "data=synthetic", *SMALL_DR_CAPS, "trainer=ddp_sim", "trainer.max_epochs=1",
-        "data.num_train=64", "data.num_val=32", "data.num_test=32",
-        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", cwd=cwd,
+        "train.py",
+        "data=synthetic",
+        *SMALL_DR_CAPS,
+        "trainer=ddp_sim",
+        "trainer.max_epochs=1",
+        "data.num_train=64",
+        "data.num_val=32",
+        "data.num_test=32",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(cwd.iterdir()) == []
@@ -176,9 +203,20 @@ def test_ddp_spawn_workers_keep_wandb_files_under_the_run_dir(cli, tmp_path):
 @pytest.mark.slow
 def test_eval_logs_its_own_wandb_run_with_job_type_eval(cli, tmp_path):
     train = cli(
-        "train.py", "data=synthetic", *SMALL_DR_CAPS, "trainer=cpu", "trainer.max_epochs=1", "logger=csv",
-        "data.num_train=64", "data.num_val=32", "data.num_test=32", "callbacks.pictures.every_n_epochs=0",
-        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'train'}",
+        "train.py",
+        "data=synthetic",
+        *SMALL_DR_CAPS,
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        "data.num_train=64",
+        "data.num_val=32",
+        "data.num_test=32",
+        "~callbacks.confusion_matrix",
+        "~callbacks.reconstructions",
+        "~callbacks.routing_pictures",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'train'}",
     )
     assert train.returncode == 0, train.stderr[-3000:]
     assert not (tmp_path / "train" / "wandb").exists()  # logger=csv: no W&B at all
@@ -193,7 +231,9 @@ def test_eval_logs_its_own_wandb_run_with_job_type_eval(cli, tmp_path):
     assert run.summary["test/acc"] == pytest.approx(json.loads(result.read_text())["metrics"]["test/acc"])
 
 
-def test_failed_online_start_falls_back_to_offline_instead_of_failing_the_job(no_wandb_env, tmp_path, monkeypatch, caplog):
+def test_failed_online_start_falls_back_to_offline_instead_of_failing_the_job(
+    no_wandb_env, tmp_path, monkeypatch, caplog
+):
     """wandb.init(mode="online") can still fail after the checks (e.g. an expired key); the run then
     starts offline. Only the online start is made to fail here; the offline run is real."""
     import wandb
@@ -236,9 +276,17 @@ def test_plain_ddp_gives_one_wandb_run_and_one_summary_from_rank_0(cli, tmp_path
     """trainer=ddp's launch (each rank re-runs the command) on 2 CPU processes: the other rank has
     dummy loggers and must neither crash on them nor start a run or write metrics.json."""
     proc = cli(
-        "train.py", "data=synthetic", *SMALL_DR_CAPS, "trainer=ddp_sim", "trainer.strategy=ddp", "trainer.max_epochs=1",
-        "data.num_train=64", "data.num_val=32", "data.num_test=32",
-        f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+        "train.py",
+        "data=synthetic",
+        *SMALL_DR_CAPS,
+        "trainer=ddp_sim",
+        "trainer.strategy=ddp",
+        "trainer.max_epochs=1",
+        "data.num_train=64",
+        "data.num_val=32",
+        "data.num_test=32",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr, proc.stderr[-3000:]

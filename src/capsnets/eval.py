@@ -1,4 +1,6 @@
-"""Hydra entry point for evaluation: ``python eval.py ckpt_path=<file.ckpt> [split=...] [viewpoints=...] [test_crops=N]``.
+"""Hydra entry point for evaluation.
+
+``python eval.py ckpt_path=<file.ckpt> [split=...] [viewpoints=...] [test_crops=N]``.
 
 The checkpoint is read with ``torch.load``'s default ``weights_only=True``. It carries the
 model class and hyper-parameters and the DataModule class and settings it was trained with
@@ -40,10 +42,15 @@ from omegaconf import DictConfig, OmegaConf
 
 import capsnets
 from capsnets.data.base import EVAL_SPLITS
-from capsnets.data.smallnorb import VIEWPOINTS
 from capsnets.errors import ConfigError
-from capsnets.train import _scalar_metrics
-from capsnets.utils.instantiate import check_ckpt_path, instantiate_loggers, instantiate_trainer, job_overrides, resolved_config
+from capsnets.results.record import scalar_metrics
+from capsnets.utils.instantiate import (
+    check_ckpt_path,
+    instantiate_loggers,
+    instantiate_trainer,
+    job_overrides,
+    resolved_config,
+)
 from capsnets.utils.resolvers import CONFIG_DIR
 from capsnets.utils.validation import require_choice, require_int
 from capsnets.utils.wandb_logger import finish_loggers
@@ -68,7 +75,9 @@ def load_checkpoint(ckpt_path: str) -> tuple[LightningModule, dict[str, Any]]:
     checkpoint = torch.load(ckpt_path, map_location="cpu")  # weights_only=True (PyTorch default)
     meta = checkpoint.get("capsnets")
     if not meta or "model_class" not in meta:
-        raise ConfigError(f"{ckpt_path} was not written by a capsnets run (no 'capsnets' metadata); cannot rebuild the model.")
+        raise ConfigError(
+            f"{ckpt_path} was not written by a capsnets run (no 'capsnets' metadata); cannot rebuild the model."
+        )
     model = _import(meta["model_class"])(**checkpoint["hyper_parameters"])
     model.load_state_dict(checkpoint["state_dict"])
     model.samples_seen = int(meta.get("samples_seen", 0))
@@ -95,13 +104,12 @@ def eval_settings(cfg: DictConfig) -> dict[str, Any]:
     returns them with the data overrides as one plain dict (``test_crops`` folded in)."""
     split = require_choice("split", cfg.get("split", "test"), EVAL_SPLITS)
     viewpoints = cfg.get("viewpoints")
-    if viewpoints is not None:
-        require_choice("viewpoints", viewpoints, VIEWPOINTS)
-        if split != "test":
-            raise ConfigError(
-                f"viewpoints={viewpoints} selects rows of the test split, but split={split}. "
-                f"Fix: drop viewpoints= (the {split} split has the training viewpoints), or pass split=test."
-            )
+    # which viewpoints exist is the DataModule's to check (set_test_viewpoints)
+    if viewpoints is not None and split != "test":
+        raise ConfigError(
+            f"viewpoints={viewpoints} selects rows of the test split, but split={split}. "
+            f"Fix: drop viewpoints= (the {split} split has the training viewpoints), or pass split=test."
+        )
     overrides_cfg = cfg.get("data_overrides")
     if overrides_cfg is None:
         overrides: dict[str, Any] = {}
@@ -117,7 +125,8 @@ def eval_settings(cfg: DictConfig) -> dict[str, Any]:
         crops = require_int("test_crops", crops, minimum=1)
         if overrides.get("test_crops", crops) != crops:
             raise ConfigError(
-                f"test_crops={crops} and data_overrides.test_crops={overrides['test_crops']} disagree. Fix: pass only one."
+                f"test_crops={crops} and data_overrides.test_crops={overrides['test_crops']} disagree. "
+                "Fix: pass only one."
             )
         overrides["test_crops"] = crops
     return {"split": split, "viewpoints": viewpoints, "data_overrides": overrides}
@@ -145,23 +154,16 @@ def check_overrides(cls: type, overrides: dict[str, Any]) -> None:
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ConfigError(
-            f"data_overrides: {cls.__name__} has no setting {', '.join(unknown)}. Valid settings: {', '.join(sorted(valid))}."
+            f"data_overrides: {cls.__name__} has no setting {', '.join(unknown)}. "
+            f"Valid settings: {', '.join(sorted(valid))}."
         )
 
 
 def build_datamodule(cls: type, settings: dict[str, Any], split: str, viewpoints: str | None) -> LightningDataModule:
     """Instantiate the DataModule (its constructor validates every setting) and point it at the evaluated rows."""
     datamodule = cls(**settings)
-    protocol = getattr(datamodule, "viewpoint_protocol", None)
     if viewpoints is not None:
-        if protocol is None:
-            split_note = f" with data.split={settings['split']}" if "split" in settings else ""
-            raise ConfigError(
-                f"viewpoints={viewpoints}: {cls.__name__}{split_note} has no novel-viewpoint protocol; familiar/novel "
-                f"viewpoints exist only for smallNORB trained with data.split=azimuth or elevation. Fix: drop viewpoints=, "
-                f"or evaluate on a protocol's test viewpoints with data=smallnorb_azimuth (or +data_overrides.split=azimuth)."
-            )
-        datamodule.set_test_viewpoints(viewpoints)
+        datamodule.set_test_viewpoints(viewpoints)  # ConfigError naming the fix where the data has no such protocol
     if split != "test":
         if not callable(getattr(datamodule, "set_eval_split", None)):
             raise ConfigError(
@@ -181,8 +183,10 @@ def check_data_fits_model(model: LightningModule, datamodule: LightningDataModul
     expected = {key: net[key] for key in SHAPE_KEYS if key in net}
     actual = {key: getattr(datamodule, key) for key in expected if hasattr(datamodule, key)}
     if any(actual[key] != expected[key] for key in actual):
+
         def shapes(d: dict[str, Any]) -> str:
-            return f"{d.get('in_channels')}x{d.get('image_size')}x{d.get('image_size')} images, {d.get('num_classes')} classes"
+            size = d.get("image_size")
+            return f"{d.get('in_channels')}x{size}x{size} images, {d.get('num_classes')} classes"
 
         raise ConfigError(
             f"{cls.__name__} gives {shapes(actual)}; the checkpoint's network expects {shapes(expected)}. "
@@ -202,7 +206,11 @@ def data_changes(cls: type, settings: dict[str, Any], meta: dict[str, Any]) -> d
     """Data class and settings that differ from the checkpoint's: ``{key: {"checkpoint": a, "now": b}}``."""
     before = {"class": meta.get("datamodule_class"), **meta.get("datamodule_hparams", {})}
     now = {"class": f"{cls.__module__}.{cls.__qualname__}", **settings}
-    return {k: {"checkpoint": before.get(k), "now": now.get(k)} for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
+    return {
+        k: {"checkpoint": before.get(k), "now": now.get(k)}
+        for k in sorted(set(before) | set(now))
+        if before.get(k) != now.get(k)
+    }
 
 
 def _digest(values: dict[str, Any]) -> str:
@@ -271,7 +279,15 @@ class ExampleCounter(Callback):
     def __init__(self) -> None:
         self.count = 0
 
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self.count += int(batch[1].shape[0])  # labels (B,)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -300,7 +316,9 @@ def _split_size(trainer: Trainer) -> int:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate the checkpoint ``cfg.ckpt_path`` as configured; returns the metrics (logged as ``test/*``)."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise ConfigError("ckpt_path is required. Fix: python eval.py ckpt_path=outputs/train/runs/<date>/checkpoints/last.ckpt")
+        raise ConfigError(
+            "ckpt_path is required. Fix: python eval.py ckpt_path=outputs/train/runs/<date>/checkpoints/last.ckpt"
+        )
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
     settings = eval_settings(cfg)
     split, viewpoints = settings["split"], settings["viewpoints"]
@@ -334,8 +352,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         finish_loggers(loggers, failed=failed)
     split_size = _split_size(trainer)
     if split_size == 0:
-        raise ConfigError(f"split={split} of {cls.__name__} has no examples (e.g. data.val_size=0). Fix: pick another split=.")
-    metrics = _scalar_metrics(trainer.callback_metrics)
+        raise ConfigError(
+            f"split={split} of {cls.__name__} has no examples (e.g. data.val_size=0). Fix: pick another split=."
+        )
+    metrics = scalar_metrics(trainer.callback_metrics)
     if trainer.is_global_zero:
         record = {
             "checkpoint": ckpt_path,

@@ -1,14 +1,23 @@
 """Losses of the capsule papers.
 
 * margin loss and reconstruction loss: Sabour et al. 2017, Eq. 4 and Sec. 4.1;
-* spread loss: Hinton et al. 2018, Sec. 3.1 (added with the EM model).
+* spread loss: Hinton et al. 2018, Sec. 3.1, and its margin schedule (:class:`MarginSchedule`;
+  :class:`capsnets.callbacks.SpreadMarginSchedule` applies it during training).
 
 Every loss returns the mean over the batch of a per-example sum, as in the papers.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from capsnets.errors import ConfigError
+from capsnets.utils.validation import require_choice, require_positive, require_range
+
+MARGIN_SCHEDULES = ("linear", "sigmoid", "constant")
+KEY = "model.loss.margin_schedule"
 
 
 def margin_loss(
@@ -53,3 +62,89 @@ def spread_loss(activations: torch.Tensor, target: torch.Tensor, margin: float |
     gap = torch.relu(margin - (a_t - activations)).pow(2)  # (B, K); the i = t term is m^2, removed below
     wrong = 1.0 - torch.nn.functional.one_hot(target, num_classes=activations.shape[-1]).to(activations.dtype)
     return (gap * wrong).sum(dim=-1).mean()
+
+
+# --- the spread-loss margin schedule, in samples seen -----------------------------------------
+# The paper grows m "linearly from 0.2 to 0.9 during training"; the authors' release uses
+# m = 0.2 + 0.79 sigmoid(min(10, step / 50000 - 4)) at batch size 64. Both are functions of the
+# training samples seen (all devices), so batch size and device count do not change the curve.
+
+
+def linear_margin(samples: float, *, start: float, end: float, ramp_samples: float) -> float:
+    """``start -> end`` linearly over ``ramp_samples`` samples, then constant at ``end``."""
+    return start + (end - start) * min(samples / ramp_samples, 1.0)
+
+
+def sigmoid_margin(
+    samples: float,
+    *,
+    start: float = 0.2,
+    amplitude: float = 0.79,
+    samples_per_unit: float = 50_000 * 64,
+    offset: float = 4.0,
+    cap: float = 10.0,
+) -> float:
+    """Authors' release: ``0.2 + 0.79 sigmoid(min(10, step/50000 - 4))`` with step = samples / 64."""
+    z = min(cap, samples / samples_per_unit - offset)
+    return start + amplitude / (1.0 + math.exp(-z))
+
+
+class MarginSchedule:
+    """The margin m of the spread loss as a function of training samples seen (settings validated here).
+
+    Args:
+        schedule: ``linear`` (paper), ``sigmoid`` (authors' code) or ``constant`` (= ``end``).
+        start, end: margin at the first sample and at the end of the linear ramp.
+        ramp_samples: samples over which the linear ramp runs; ``None`` = the whole training run
+            as planned at fit start (set by the callback through :meth:`plan`).
+        sigmoid_*: the release's sigmoid (amplitude, samples per unit of its argument = 50,000
+            steps of batch 64, offset, cap).
+    """
+
+    def __init__(
+        self,
+        *,
+        schedule: str = "linear",
+        start: float = 0.2,
+        end: float = 0.9,
+        ramp_samples: float | None = None,
+        sigmoid_amplitude: float = 0.79,
+        sigmoid_samples_per_unit: float = 50_000 * 64,
+        sigmoid_offset: float = 4.0,
+        sigmoid_cap: float = 10.0,
+    ) -> None:
+        self.schedule = require_choice(f"{KEY}.schedule", schedule, MARGIN_SCHEDULES)
+        self.start = require_range(f"{KEY}.start", start, 0.0, 1.0)
+        self.end = require_range(f"{KEY}.end", end, 0.0, 1.0)
+        self.ramp_samples = None if ramp_samples is None else require_positive(f"{KEY}.ramp_samples", ramp_samples)
+        self.sigmoid_amplitude = require_range(f"{KEY}.sigmoid_amplitude", sigmoid_amplitude, 0.0, 1.0)
+        self.sigmoid_samples_per_unit = require_positive(f"{KEY}.sigmoid_samples_per_unit", sigmoid_samples_per_unit)
+        self.sigmoid_offset = require_range(f"{KEY}.sigmoid_offset", sigmoid_offset, -1e9, 1e9)
+        self.sigmoid_cap = require_range(f"{KEY}.sigmoid_cap", sigmoid_cap, -1e9, 1e9)
+
+    def margin(self, samples: float) -> float:
+        """The margin after ``samples`` training samples."""
+        if self.schedule == "constant":
+            return self.end
+        if self.schedule == "sigmoid":
+            return sigmoid_margin(
+                samples,
+                start=self.start,
+                amplitude=self.sigmoid_amplitude,
+                samples_per_unit=self.sigmoid_samples_per_unit,
+                offset=self.sigmoid_offset,
+                cap=self.sigmoid_cap,
+            )
+        return linear_margin(samples, start=self.start, end=self.end, ramp_samples=self.ramp_samples or 1.0)
+
+    def plan(self, planned_samples: float) -> None:
+        """A linear ramp without ``ramp_samples`` runs over the planned run (``planned_samples``)."""
+        if self.schedule != "linear" or self.ramp_samples is not None:
+            return
+        if not math.isfinite(planned_samples):
+            raise ConfigError(
+                f"{KEY}.ramp_samples=null ramps the margin over the planned run, but this run has no end "
+                f"(trainer.max_epochs=-1 and no max_steps). Fix: set {KEY}.ramp_samples to a number of samples, "
+                "or bound the run."
+            )
+        self.ramp_samples = float(planned_samples)

@@ -7,20 +7,21 @@ checkpoint and returns ``cfg.optimized_metric`` for sweepers.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from lightning import seed_everything
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from capsnets.callbacks.learning_curve import LearningCurve
+from capsnets.results.record import metric_value, scalar_metrics, write_record
 from capsnets.utils.instantiate import (
     check_ckpt_path,
+    check_model_config,
     instantiate_callbacks,
     instantiate_datamodule,
     instantiate_loggers,
@@ -35,12 +36,9 @@ from capsnets.utils.wandb_logger import finish_loggers
 log = logging.getLogger(__name__)
 
 
-def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1}
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (and test) as configured; returns every scalar metric logged."""
+    check_model_config(cfg.model)
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
@@ -61,7 +59,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _fit_and_test(cfg: DictConfig, datamodule: Any, model: Any, callbacks: list, loggers: list, ckpt_path: str | None) -> dict[str, float]:
+def _fit_and_test(
+    cfg: DictConfig, datamodule: Any, model: Any, callbacks: list, loggers: list, ckpt_path: str | None
+) -> dict[str, float]:
     trainer = instantiate_trainer(cfg.trainer, callbacks, loggers)
     for logger in loggers:
         logger.log_hyperparams(resolved_config(cfg))
@@ -70,7 +70,7 @@ def _fit_and_test(cfg: DictConfig, datamodule: Any, model: Any, callbacks: list,
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
-        metrics.update(_scalar_metrics(trainer.callback_metrics))
+        metrics.update(scalar_metrics(trainer.callback_metrics))
         name = cfg.get("optimized_metric")
         if checkpoint is not None and name and checkpoint.monitor == name and checkpoint.best_model_score is not None:
             # the value of the checkpoint that is tested, not the noisier last epoch's
@@ -84,50 +84,13 @@ def _fit_and_test(cfg: DictConfig, datamodule: Any, model: Any, callbacks: list,
         if test_ckpt is None and cfg.get("train", True) and not trainer.fast_dev_run:
             log.warning("No best checkpoint found; testing the weights at the end of training.")
         trainer.test(model=model, datamodule=datamodule, ckpt_path=test_ckpt)
-        metrics.update(_scalar_metrics(trainer.callback_metrics))
+        metrics.update(scalar_metrics(trainer.callback_metrics))
 
     if trainer.is_global_zero:
-        write_metrics_json(cfg, metrics)
+        curve = next((cb.curve for cb in trainer.callbacks if isinstance(cb, LearningCurve)), None)
+        write_record(cfg, metrics, job_overrides(), curve=curve)
         _print_summary(cfg, trainer, metrics)
     return metrics
-
-
-def paper_reference(cfg: DictConfig) -> dict[str, Any] | None:
-    """The preset's ``paper`` block for this job: ``{metric, target, source}``. A sweep preset whose
-    rows differ in target lists them as ``paper.targets: [{when: {dotted.key: value}, target: x}]``;
-    the first entry whose keys all match this job's config gives ``target``."""
-    paper = cfg.get("paper")
-    if paper is None:
-        return None
-    ref = OmegaConf.to_container(paper, resolve=True)
-    assert isinstance(ref, dict)
-    rows = ref.pop("targets", None) or []
-    if ref.get("target") is None:
-        for row in rows:
-            if all(OmegaConf.select(cfg, key) == value for key, value in row["when"].items()):
-                ref["target"] = row["target"]
-                break
-    return ref
-
-
-def write_metrics_json(cfg: DictConfig, metrics: dict[str, float]) -> Path:
-    """``<run dir>/metrics.json``: the job's overrides, seed, final metrics and the paper target the
-    preset names. ``scripts/summarize.py`` builds its tables from these files (no W&B needed)."""
-    paper = paper_reference(cfg)
-    name = cfg.get("optimized_metric")
-    record = {
-        "task_name": cfg.get("task_name"),
-        "overrides": job_overrides(),
-        "seed": cfg.get("seed"),
-        "optimized_metric": name,
-        "optimized_value": optimized_value(metrics, name) if name else None,
-        "metrics": dict(sorted(metrics.items())),
-        "paper": paper,
-    }
-    path = Path(cfg.paths.output_dir) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
 
 
 def _print_summary(cfg: DictConfig, trainer: Any, metrics: dict[str, float]) -> None:
@@ -150,22 +113,6 @@ def _print_summary(cfg: DictConfig, trainer: Any, metrics: dict[str, float]) -> 
     shown = {k: v for k, v in metrics.items() if k.endswith("/acc") or k.endswith("/loss")}
     lines.append("Metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
     print("\n".join(lines), flush=True)
-
-
-def optimized_value(metrics: dict[str, float], name: str) -> float | None:
-    """The best checkpoint's value of ``name`` when the checkpoint callback monitors it, else the last logged one."""
-    return metrics.get(f"{name}_best", metrics.get(name))
-
-
-def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
-    """The value a sweeper optimises (:func:`optimized_value`); None (with a warning naming what was
-    logged) when absent, e.g. when validation never ran; the finished run and its checkpoints stay as they are."""
-    if not name:
-        return None
-    value = optimized_value(metrics, name)
-    if value is None:
-        log.warning("optimized_metric=%r was not logged (logged: %s); returning None.", name, ", ".join(sorted(metrics)))
-    return value
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

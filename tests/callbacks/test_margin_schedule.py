@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from capsnets.callbacks import SpreadMarginSchedule, linear_margin, sigmoid_margin
+from capsnets.callbacks import SpreadMarginSchedule
 from capsnets.errors import ConfigError
+from capsnets.losses import linear_margin, sigmoid_margin
 
 
 @pytest.mark.parametrize("samples, expected", [(0, 0.2), (250, 0.375), (500, 0.55), (1000, 0.9), (5000, 0.9)])
@@ -44,7 +45,10 @@ def test_state_dict_round_trip_keeps_planned_ramp():
     assert restored.ramp_samples == 12345.0 and restored.margin(12345) == pytest.approx(0.9)
 
 
-@pytest.mark.parametrize("kwargs, key", [({"schedule": "cosine"}, "schedule"), ({"start": 1.5}, "start"), ({"ramp_samples": 0}, "ramp_samples")])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [({"schedule": "cosine"}, "schedule"), ({"start": 1.5}, "start"), ({"ramp_samples": 0}, "ramp_samples")],
+)
 def test_bad_values_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=f"model.loss.margin_schedule.{key}"):
         SpreadMarginSchedule(**kwargs)

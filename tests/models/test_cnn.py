@@ -21,7 +21,14 @@ def make(architecture, **shape):
 
 def test_sabour2017_baseline_has_35_4m_parameters_on_mnist():
     # 5x5 convs 1->256->256->128 (same padding, no pooling), FC 28*28*128 -> 328 -> 192 -> 10
-    expected = (25 * 256 + 256) + (25 * 256 * 256 + 256) + (25 * 256 * 128 + 128) + (100_352 * 328 + 328) + (328 * 192 + 192) + (192 * 10 + 10)
+    expected = (
+        (25 * 256 + 256)
+        + (25 * 256 * 256 + 256)
+        + (25 * 256 * 128 + 128)
+        + (100_352 * 328 + 328)
+        + (328 * 192 + 192)
+        + (192 * 10 + 10)
+    )
     assert n_params(make("sabour2017")) == expected == 35_445_522
 
 
@@ -46,7 +53,10 @@ def test_bad_architecture_and_dropout_name_the_key():
     with pytest.raises(ConfigError, match="model.net.architecture"):
         make("vgg")
     with pytest.raises(ConfigError, match="model.net.dropout"):
-        CNNModule(net={"architecture": "hinton2018", "dropout": 1.5, "in_channels": 1, "image_size": 32, "num_classes": 5},
-                  optimizer=OPT, scheduler=SCHED)
+        CNNModule(
+            net={"architecture": "hinton2018", "dropout": 1.5, "in_channels": 1, "image_size": 32, "num_classes": 5},
+            optimizer=OPT,
+            scheduler=SCHED,
+        )
     with pytest.raises(ConfigError, match="after pooling"):
         make("hinton2018", in_channels=1, image_size=3, num_classes=5)

@@ -36,7 +36,6 @@ def test_shapes_follow_data_config():
 @pytest.mark.parametrize(
     "override, key",
     [
-        ({"routing_iterations": 0}, "model.net.routing_iterations"),
         ({"primary_dim": 0}, "model.net.primary_dim"),
         ({"class_dim": -3}, "model.net.class_dim"),
         ({"conv1_channels": 2.5}, "model.net.conv1_channels"),
@@ -65,7 +64,13 @@ def test_invalid_module_values_name_the_key(kwargs, key):
 
 
 def make_module(**loss):
-    return DRCapsModule(net={**MNIST, **SMALL}, loss={**LOSS, **loss}, optimizer=OPT, scheduler=SCHED)
+    return DRCapsModule(
+        net={**MNIST, **SMALL},
+        loss={**LOSS, **loss},
+        optimizer=OPT,
+        scheduler=SCHED,
+        routing={"name": "dynamic", "iterations": 3, "detach_inner": False},
+    )
 
 
 def test_loss_is_margin_plus_weighted_reconstruction():

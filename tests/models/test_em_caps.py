@@ -44,9 +44,13 @@ def test_shapes_follow_data_config_and_grid_check():
 
 @pytest.mark.parametrize(
     "override, key",
-    [({"iterations": 0}, "model.net.iterations"), ({"pose": "tensor"}, "model.net.pose"),
-     ({"lambda_schedule": "cosine"}, "model.net.lambda_schedule"), ({"var_floor": 0.0}, "model.net.var_floor"),
-     ({"A": 0}, "model.net.A")],
+    [
+        ({"routing": {"name": "em", "iterations": 0}}, "model.routing.iterations"),
+        ({"pose": "tensor"}, "model.net.pose"),
+        ({"routing": {"name": "em", "lambda_schedule": "cosine"}}, "model.routing.lambda_schedule"),
+        ({"routing": {"name": "em", "var_floor": 0.0}}, "model.routing.var_floor"),
+        ({"A": 0}, "model.net.A"),
+    ],
 )
 def test_invalid_net_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -65,9 +69,19 @@ def test_spread_loss_model_supplies_its_margin_schedule():
     margin = make({"name": "margin", "m_plus": 0.9, "m_minus": 0.1, "down_weight": 0.5})
     assert margin.configure_callbacks() == []
     dr = DRCapsModule(
-        net=dict(in_channels=1, image_size=28, num_classes=10, conv1_channels=8, primary_types=2, primary_dim=4, class_dim=4,
-                 decoder_hidden=[8]),
-        loss=dict(m_plus=0.9, m_minus=0.1, down_weight=0.5, recon_weight=0.0005), optimizer=OPT, scheduler=SCHED,
+        net=dict(
+            in_channels=1,
+            image_size=28,
+            num_classes=10,
+            conv1_channels=8,
+            primary_types=2,
+            primary_dim=4,
+            class_dim=4,
+            decoder_hidden=[8],
+        ),
+        loss=dict(m_plus=0.9, m_minus=0.1, down_weight=0.5, recon_weight=0.0005),
+        optimizer=OPT,
+        scheduler=SCHED,
     )
     assert not dr.configure_callbacks()
 
@@ -105,17 +119,28 @@ def test_bad_loss_settings_fail_early():
 def test_adversarial_images_stay_finite(images):
     torch.manual_seed(0)
     module = make(SPREAD)
-    x = {"zeros": torch.zeros(3, 1, 32, 32), "constant": torch.full((3, 1, 32, 32), 0.7),
-         "huge": torch.randn(3, 1, 32, 32) * 1e4}[images]
+    x = {
+        "zeros": torch.zeros(3, 1, 32, 32),
+        "constant": torch.full((3, 1, 32, 32), 0.7),
+        "huge": torch.randn(3, 1, 32, 32) * 1e4,
+    }[images]
     loss, scores, _ = module.shared_step((x, torch.tensor([0, 1, 2])), "train")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(scores).all()
     assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
 
 
-def test_moment_dtype_reaches_every_routing_layer():
-    net = EMCapsNet(**NORB, **TINY, moment_dtype="float32")
-    assert {m.routing.moment_dtype for m in (net.caps1, net.caps2, net.classes)} == {"float32"}
-    assert EMCapsNet(**NORB, **TINY).caps1.routing.moment_dtype == "float64"  # exact by default
-    with pytest.raises(ConfigError, match="model.net.moment_dtype"):
-        EMCapsNet(**NORB, **TINY, moment_dtype="float16")
+def test_routing_config_reaches_every_routing_layer():
+    net = EMCapsNet(
+        **NORB, **TINY, routing={"name": "em", "impl": "reference", "moment_dtype": "float32", "iterations": 2}
+    )
+    layers = (net.caps1.routing, net.caps2.routing, net.classes.routing)
+    assert {(r.impl, r.moment_dtype, r.iterations) for r in layers} == {("reference", "float32", 2)}
+    assert [r.role for r in layers] == ["hidden", "hidden", "class"]
+    assert len({id(r.beta_a) for r in layers}) == 3  # each layer its own learned betas
+    default = EMCapsNet(**NORB, **TINY).caps1.routing
+    assert (default.name, default.impl, default.moment_dtype) == ("em", "fused", "float64")  # fast and exact by default
+    with pytest.raises(ConfigError, match="model.routing.moment_dtype"):
+        EMCapsNet(**NORB, **TINY, routing={"name": "em", "moment_dtype": "float16"})
+    with pytest.raises(ConfigError, match="does not support matrix capsules"):
+        EMCapsNet(**NORB, **TINY, routing={"name": "dynamic"})

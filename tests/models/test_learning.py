@@ -2,7 +2,6 @@
 
 import lightning as L
 import pytest
-import torch
 
 from capsnets.data import SyntheticDataModule
 from capsnets.models import DRCapsModule, EMCapsModule
@@ -15,15 +14,30 @@ def test_dr_caps_learns_synthetic_above_chance(tmp_path):
     L.seed_everything(0, workers=True)
     dm = SyntheticDataModule(num_train=512, num_val=64, num_test=256, batch_size=32, num_classes=10, seed=0)
     model = DRCapsModule(
-        net=dict(in_channels=1, image_size=28, num_classes=10, conv1_channels=16, primary_types=4, primary_dim=4,
-                 class_dim=8, decoder_hidden=[32, 64]),
+        net=dict(
+            in_channels=1,
+            image_size=28,
+            num_classes=10,
+            conv1_channels=16,
+            primary_types=4,
+            primary_dim=4,
+            class_dim=8,
+            decoder_hidden=[32, 64],
+        ),
         loss=dict(m_plus=0.9, m_minus=0.1, down_weight=0.5, recon_weight=0.0005),
         optimizer=dict(name="adam", lr=3e-3, weight_decay=0.0),
         scheduler=dict(name="none"),
     )
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=48, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        max_steps=48,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     trainer.fit(model, datamodule=dm)
     acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
@@ -34,7 +48,9 @@ def test_dr_caps_learns_synthetic_above_chance(tmp_path):
 @pytest.mark.slow
 def test_em_caps_learns_synthetic_above_chance(tmp_path):
     L.seed_everything(0, workers=True)
-    dm = SyntheticDataModule(num_train=512, num_val=64, num_test=256, batch_size=32, num_classes=5, image_size=20, seed=0)
+    dm = SyntheticDataModule(
+        num_train=512, num_val=64, num_test=256, batch_size=32, num_classes=5, image_size=20, seed=0
+    )
     model = EMCapsModule(
         net=dict(in_channels=1, image_size=20, num_classes=5, A=16, B=8, C=8, D=8),
         loss=dict(name="spread", margin_schedule=dict(schedule="linear", start=0.2, end=0.9, ramp_samples=1024)),
@@ -42,8 +58,15 @@ def test_em_caps_learns_synthetic_above_chance(tmp_path):
         scheduler=dict(name="none"),
     )
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=STEPS_EM, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        max_steps=STEPS_EM,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     trainer.fit(model, datamodule=dm)
     acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]

@@ -3,7 +3,26 @@
 import pytest
 import torch
 
-from capsnets.nn import RoutingCapsules, dynamic_routing, squash
+from capsnets.nn import RoutingCapsules, build_routing, squash
+from capsnets.nn.routing import ChildLayout, RoutingTrace
+from capsnets.nn.routing import dynamic_routing as routing_in_layout
+
+
+def dynamic_routing(u_hat: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """DigitCaps case: u_hat (B, N_in, N_out, D) -> v (B, N_out, D), c (B, N_in, N_out)."""
+    v, c = routing_in_layout(u_hat[:, None, :, None], **kwargs)  # (B, 1, N_in, 1, N_out, D)
+    return v[:, 0], c[:, 0, :, 0]
+
+
+def digit_caps(
+    in_caps: int, in_dim: int, out_caps: int, out_dim: int, iterations: int = 3, **kwargs
+) -> RoutingCapsules:
+    routing = build_routing(
+        {"name": "dynamic", "iterations": iterations}, kind="vector", out_types=out_caps, role="class"
+    )
+    return RoutingCapsules(
+        in_caps=in_caps, in_dim=in_dim, out_caps=out_caps, out_dim=out_dim, routing=routing, **kwargs
+    )
 
 
 def slow_routing(u_hat: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,35 +118,54 @@ def test_detach_switch_controls_gradient_path():
 
 
 def test_routing_layer_shapes_and_params():
-    layer = RoutingCapsules(in_caps=1152, in_dim=8, out_caps=10, out_dim=16, iterations=3)
+    layer = digit_caps(1152, 8, 10, 16, iterations=3)
     assert sum(p.numel() for p in layer.parameters()) == 1152 * 10 * 16 * 8
+    layer.routing.record_trace = True
     v = layer(torch.randn(2, 1152, 8))
     assert v.shape == (2, 10, 16)
     assert (v.norm(dim=-1) < 1).all()
-    assert layer.last_couplings.shape == (2, 1152, 10)
+    assert layer.routing.trace.assignments[-1].shape == (2, 1, 1152, 1, 10)
 
 
 def test_routing_layer_predictions_are_w_times_u():
-    layer = RoutingCapsules(in_caps=3, in_dim=2, out_caps=2, out_dim=4)
+    layer = digit_caps(3, 2, 2, 4)
     u = torch.randn(5, 3, 2)
     u_hat = layer.predictions(u)
     assert torch.allclose(u_hat[4, 2, 1], layer.weight[2, 1] @ u[4, 2], atol=1e-6)
 
 
 def test_gradients_finite_for_zero_input():
-    layer = RoutingCapsules(in_caps=6, in_dim=4, out_caps=3, out_dim=5)
+    layer = digit_caps(6, 4, 3, 5)
     u = torch.zeros(2, 6, 4, requires_grad=True)
     layer(u).norm(dim=-1).sum().backward()
     assert torch.isfinite(u.grad).all() and torch.isfinite(layer.weight.grad).all()
 
 
 def test_routing_stays_float32_under_autocast():
-    layer = RoutingCapsules(in_caps=6, in_dim=4, out_caps=3, out_dim=5)
+    layer = digit_caps(6, 4, 3, 5)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        layer.routing.record_trace = True
         v = layer(torch.randn(2, 6, 4).to(torch.bfloat16))
-    assert v.dtype == torch.float32 and layer.last_couplings.dtype == torch.float32
+    assert v.dtype == torch.float32 and layer.routing.trace.assignments[-1].dtype == torch.float32
 
 
 def test_routing_layer_in_float64():
-    layer = RoutingCapsules(in_caps=6, in_dim=4, out_caps=3, out_dim=5).double()
+    layer = digit_caps(6, 4, 3, 5).double()
     assert layer(torch.randn(2, 6, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_conv_layout_normalises_each_child_over_every_covering_parent():
+    # dynamic routing on a convolutional layout: 1-D input of 4 positions, kernel 2, stride 1 ->
+    # 3 patches; the middle children sit in 2 patches each, so their couplings span 2 x T_out parents
+    torch.manual_seed(4)
+    child_index = torch.tensor([0, 1, 1, 2, 2, 3])  # (P*K,) patches (0,1) (1,2) (2,3)
+    layout = ChildLayout(child_index, 4)
+    u_hat = torch.randn(2, 3, 2, 1, 3, 5, dtype=torch.float64)  # (B, P=3, K=2, T_in=1, T_out=3, D)
+    trace = RoutingTrace(layout)
+    v, c = routing_in_layout(u_hat, iterations=3, layout=layout, trace=trace)
+    assert v.shape == (2, 3, 3, 5)
+    totals = layout.child_totals(c)  # (B, 4 children, 1)
+    assert torch.allclose(totals, torch.ones_like(totals))
+    assert torch.allclose(
+        trace.assignments[0][0, 0, 1, 0], torch.full((3,), 1 / 6, dtype=torch.float64)
+    )  # child 1: 2 patches

@@ -1,5 +1,7 @@
-"""EM routing (Hinton et al. 2018, Procedure 1): the vectorised layers against a slow loop
-implementation over an explicit list of (child, parent, vote) edges, and the routing invariants."""
+"""EM routing (Hinton et al. 2018, Procedure 1): both implementations (``reference``, the procedure
+as written, and ``fused``) inside the capsule layers against a slow loop implementation over an
+explicit list of (child, parent, vote) edges, for every normalisation; fused == reference in
+values and gradients; precision of the fused moments."""
 
 from __future__ import annotations
 
@@ -9,21 +11,39 @@ import pytest
 import torch
 
 from capsnets.errors import ConfigError
-from capsnets.nn.class_caps import ClassCapsules
-from capsnets.nn.conv_caps import ConvCapsules, conv_child_index
-from capsnets.nn.em_routing import EMRouting, em_routing, inverse_temperatures
+from capsnets.nn.conv_caps import conv_child_index
+from capsnets.nn.routing import ChildLayout, inverse_temperatures
+from capsnets.nn.routing.em import em_routing as reference_em_routing
+from capsnets.nn.routing.em_fused import fused_em_routing
+
+from helpers import class_layer, conv_layer, em, final_assignments
 
 Edge = tuple[tuple, tuple, torch.Tensor]  # (child, parent = (position, type), vote (16,))
+IMPLS = ["reference", "fused"]
 
 
-def slow_em(edges: list[Edge], a_child: dict, beta_u: torch.Tensor, beta_a: torch.Tensor,
-            lambdas: list[float], var_floor: float, eps: float = 1e-8) -> tuple[dict, dict, dict]:
-    """Procedure 1 with Python loops over parents and children and densities as plain products."""
+def slow_em(
+    edges: list[Edge],
+    a_child: dict,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    lambdas: list[float],
+    var_floor: float,
+    eps: float = 1e-8,
+    group=None,
+    start=None,
+) -> tuple[dict, dict, dict]:
+    """Procedure 1 with Python loops over parents and children and densities as plain products.
+
+    ``group(edge)`` names the set of edges a child's assignments are normalised over (default: the
+    child, i.e. every parent it votes for); ``start(edge)`` the initial R (default: uniform in the group).
+    """
+    group = group or (lambda e: edges[e][0])
     parents = sorted({p for _, p, _ in edges})
-    children = sorted({c for c, _, _ in edges})
+    groups = sorted({group(e) for e in range(len(edges))}, key=repr)
     into = {p: [e for e, (_, q, _) in enumerate(edges) if q == p] for p in parents}
-    out_of = {c: [e for e, (d, _, _) in enumerate(edges) if d == c] for c in children}
-    R = {e: 1.0 / len(out_of[c]) for c in children for e in out_of[c]}  # uniform over the parents i votes for
+    out_of = {g: [e for e in range(len(edges)) if group(e) == g] for g in groups}
+    R = {e: start(e) if start else 1.0 / len(out_of[g]) for g in groups for e in out_of[g]}
     for t, lam in enumerate(lambdas):
         mu, var, a = {}, {}, {}
         for p in parents:  # M-step
@@ -35,13 +55,17 @@ def slow_em(edges: list[Edge], a_child: dict, beta_u: torch.Tensor, beta_a: torc
             a[p] = torch.sigmoid(lam * (beta_a[p[1]] - cost))
         if t == len(lambdas) - 1:
             break
-        for c in children:  # E-step
+        for c in groups:  # E-step
             weighted = {}
             for e in out_of[c]:
                 p, v = edges[e][1], edges[e][2]
                 density = 1.0
                 for h in range(16):
-                    density = density * torch.exp(-((v[h] - mu[p][h]) ** 2) / (2 * var[p][h])) / torch.sqrt(2 * math.pi * var[p][h])
+                    density = (
+                        density
+                        * torch.exp(-((v[h] - mu[p][h]) ** 2) / (2 * var[p][h]))
+                        / torch.sqrt(2 * math.pi * var[p][h])
+                    )
                 weighted[e] = a[p] * density
             norm = sum(weighted.values())
             for e in out_of[c]:
@@ -55,17 +79,38 @@ def randomise_betas(layer: torch.nn.Module) -> None:
         layer.routing.beta_a.normal_(0.0, 0.5)
 
 
-@pytest.mark.parametrize("size,stride", [(4, 1), (5, 2), (6, 2)])
-@pytest.mark.parametrize("schedule,iterations", [("official", 3), ("fixed", 2)])
-def test_conv_layer_equals_slow_loop(size, stride, schedule, iterations):
+CONV_CASES = [  # (size, stride, schedule, iterations, normalisation)
+    *[
+        (size, stride, schedule, iterations, "covering")
+        for size, stride in [(4, 1), (5, 2), (6, 2)]
+        for schedule, iterations in [("official", 3), ("fixed", 2)]
+    ],
+    (5, 2, "fixed", 3, "type"),
+    (4, 1, "fixed", 3, "type"),
+    (5, 2, "fixed", 3, "patch"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size,stride,schedule,iterations,normalisation", CONV_CASES)
+def test_conv_layer_equals_slow_loop(impl, size, stride, schedule, iterations, normalisation):
     torch.manual_seed(size * 10 + stride + iterations)
     t_in, t_out, k = 2, 2, 3
-    layer = ConvCapsules(in_types=t_in, out_types=t_out, kernel_size=k, stride=stride, iterations=iterations,
-                         lambda_schedule=schedule, lambda_value=0.05).double()
+    layer = conv_layer(
+        t_in,
+        t_out,
+        k,
+        stride,
+        impl=impl,
+        iterations=iterations,
+        lambda_schedule=schedule,
+        lambda_value=0.05,
+        normalisation=normalisation,
+    ).double()
     randomise_betas(layer)
     pose = torch.randn(1, size, size, t_in, 16, dtype=torch.float64)
     a = torch.rand(1, size, size, t_in, dtype=torch.float64)
-    mu, a_out = layer(pose, a)
+    (mu, a_out), R = final_assignments(layer, pose, a)
     n_out = layer.output_size(size)
     edges = []
     for oy in range(n_out):
@@ -78,28 +123,51 @@ def test_conv_layer_equals_slow_loop(size, stride, schedule, iterations):
                             M, W = pose[0, y, x, i].view(4, 4), layer.weight[ky * k + kx, i, j]
                             edges.append((((y, x), i), ((oy, ox), j), (M @ W).flatten().detach()))
     a_child = {((y, x), i): a[0, y, x, i] for y in range(size) for x in range(size) for i in range(t_in)}
-    mu_ref, a_ref, R_ref = slow_em(edges, a_child, layer.routing.beta_u.detach(), layer.routing.beta_a.detach(),
-                                   layer.routing.lambdas, layer.routing.var_floor)
+    group = {  # what a child's assignments are normalised over
+        "covering": None,  # every parent the child votes for (paper)
+        "type": lambda e: (edges[e][0], edges[e][1][1]),  # ... of one parent type (the authors' release)
+        "patch": lambda e: (edges[e][0], edges[e][1][0]),  # ... at one parent position (per patch)
+    }[normalisation]
+    start = None if normalisation == "covering" else (lambda e: 1.0 / t_out)  # release / per patch: 1/T_out per slot
+    mu_ref, a_ref, R_ref = slow_em(
+        edges,
+        a_child,
+        layer.routing.beta_u.detach(),
+        layer.routing.beta_a.detach(),
+        layer.routing.lambdas,
+        layer.routing.var_floor,
+        group=group,
+        start=start,
+    )
     for (oy, ox), j in mu_ref:
         assert torch.allclose(mu[0, oy, ox, j], mu_ref[(oy, ox), j], atol=1e-10)
         assert torch.allclose(a_out[0, oy, ox, j], a_ref[(oy, ox), j], atol=1e-12)
-    R = layer.last_assignments
+    R = R.view(1, layer.output_size(size), layer.output_size(size), k * k, t_in, t_out)
     for e, (((y, x), i), ((oy, ox), j), _) in enumerate(edges):
         ky, kx = y - oy * stride, x - ox * stride
         assert torch.allclose(R[0, oy, ox, ky * k + kx, i, j], torch.as_tensor(R_ref[e], dtype=R.dtype), atol=1e-10)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("coordinate_addition", [True, False])
 @pytest.mark.parametrize("pose_kind", ["matrix", "vector"])
-def test_class_layer_equals_slow_loop(coordinate_addition, pose_kind):
+def test_class_layer_equals_slow_loop(impl, coordinate_addition, pose_kind):
     torch.manual_seed(7)
     h, w, t_in, n_cls = 3, 2, 2, 3
-    layer = ClassCapsules(in_types=t_in, num_classes=n_cls, coordinate_addition=coordinate_addition, pose=pose_kind,
-                          lambda_schedule="fixed", lambda_value=0.2).double()
+    layer = class_layer(
+        t_in,
+        n_cls,
+        impl=impl,
+        coordinate_addition=coordinate_addition,
+        pose=pose_kind,
+        lambda_schedule="fixed",
+        lambda_value=0.2,
+    ).double()
     randomise_betas(layer)
     pose = torch.randn(2, h, w, t_in, 16, dtype=torch.float64)
     a = torch.rand(2, h, w, t_in, dtype=torch.float64)
-    mu, a_out = layer(pose, a)
+    (mu, a_out), R = final_assignments(layer, pose, a)
+    R = R.view(2, h, w, t_in, n_cls)
     for b in range(2):
         edges = []
         for y in range(h):
@@ -118,13 +186,19 @@ def test_class_layer_equals_slow_loop(coordinate_addition, pose_kind):
                                 vote[1] += (x + 0.5) / w
                         edges.append((((y, x), i), (0, j), vote.flatten()))
         a_child = {((y, x), i): a[b, y, x, i] for y in range(h) for x in range(w) for i in range(t_in)}
-        mu_ref, a_ref, R_ref = slow_em(edges, a_child, layer.routing.beta_u.detach(), layer.routing.beta_a.detach(),
-                                       layer.routing.lambdas, layer.routing.var_floor)
+        mu_ref, a_ref, R_ref = slow_em(
+            edges,
+            a_child,
+            layer.routing.beta_u.detach(),
+            layer.routing.beta_a.detach(),
+            layer.routing.lambdas,
+            layer.routing.var_floor,
+        )
         for j in range(n_cls):
             assert torch.allclose(mu[b, j], mu_ref[0, j], atol=1e-10)
             assert torch.allclose(a_out[b, j], a_ref[0, j], atol=1e-12)
         for e, (((y, x), i), (_, j), _) in enumerate(edges):
-            assert torch.allclose(layer.last_assignments[b, y, x, i, j], torch.as_tensor(R_ref[e], dtype=torch.float64), atol=1e-10)
+            assert torch.allclose(R[b, y, x, i, j], torch.as_tensor(R_ref[e], dtype=torch.float64), atol=1e-10)
 
 
 def covering_sums(R: torch.Tensor, height: int, width: int, *, kernel_size: int, stride: int) -> torch.Tensor:
@@ -142,117 +216,177 @@ def covering_sums(R: torch.Tensor, height: int, width: int, *, kernel_size: int,
 @pytest.mark.parametrize("size,stride", [(6, 1), (7, 2), (6, 2)])
 def test_conv_assignments_sum_to_one_over_covering_parents_not_per_patch(size, stride):
     torch.manual_seed(stride)
-    layer = ConvCapsules(in_types=3, out_types=4, kernel_size=3, stride=stride, lambda_schedule="fixed", lambda_value=0.1)
+    layer = conv_layer(3, 4, 3, stride, lambda_schedule="fixed", lambda_value=0.1)
     randomise_betas(layer)
-    mu, a_out = layer(torch.randn(2, size, size, 3, 16), torch.rand(2, size, size, 3))
-    R = layer.last_assignments  # (B, H_out, W_out, 9, T_in, T_out)
+    (mu, a_out), R = final_assignments(layer, torch.randn(2, size, size, 3, 16), torch.rand(2, size, size, 3))
+    n_out = layer.output_size(size)
+    R = R.view(2, n_out, n_out, 9, 3, 4)  # (B, H_out, W_out, 9, T_in, T_out)
     sums = covering_sums(R, size, size, kernel_size=3, stride=stride)
-    covered = torch.bincount(conv_child_index(size, size, kernel_size=3, stride=stride), minlength=size * size).view(size, size) > 0
+    covered = (
+        torch.bincount(conv_child_index(size, size, kernel_size=3, stride=stride), minlength=size * size).view(
+            size, size
+        )
+        > 0
+    )
     assert torch.allclose(sums[:, covered], torch.ones_like(sums[:, covered]), atol=1e-5)
     assert (sums[:, ~covered] == 0).all()  # e.g. the last row and column for (6, 2): no assignments, no NaN
     assert (size, stride) != (6, 2) or (~covered).any()
     # a per-patch normalisation would make every patch slot sum to 1 over the out types: it does not
     per_patch = R.sum(-1)  # (B, H_out, W_out, 9, T_in)
     assert not torch.allclose(per_patch, torch.ones_like(per_patch), atol=1e-2)
-    assert (0 < a_out).all() and (a_out < 1).all() and torch.isfinite(mu).all()
+    assert (a_out > 0).all() and (a_out < 1).all() and torch.isfinite(mu).all()
 
 
 def test_initial_assignments_uniform_over_covering_parents():
-    layer = ConvCapsules(in_types=2, out_types=3, kernel_size=3, stride=1, iterations=1)
-    layer(torch.randn(1, 5, 5, 2, 16), torch.rand(1, 5, 5, 2))
-    R = layer.last_assignments  # one iteration: R is still the initial one
+    layer = conv_layer(2, 3, 3, 1, iterations=1)
+    _, R = final_assignments(layer, torch.randn(1, 5, 5, 2, 16), torch.rand(1, 5, 5, 2))
+    R = R.view(1, 3, 3, 9, 2, 3)  # one iteration: R is still the initial one
     # the centre child (2, 2) is covered by all 9 patches, the corner (0, 0) by one
     assert torch.allclose(R[0, 1, 1, 4], torch.full((2, 3), 1 / 27))
     assert torch.allclose(R[0, 0, 0, 0], torch.full((2, 3), 1 / 3))
 
 
-def test_em_routing_invariants_on_random_votes():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_em_routing_invariants_on_random_votes(impl):
     torch.manual_seed(3)
     V, a_in = torch.randn(4, 1, 10, 3, 5, 16) * 3, torch.rand(4, 1, 10, 3)
-    result = em_routing(V, a_in, beta_u=torch.randn(5), beta_a=torch.randn(5), lambdas=[0.01] * 3, var_floor=0.01)
-    assert torch.allclose(result.R.sum(-1), torch.ones(4, 1, 10, 3), atol=1e-6)
-    assert (result.a_out > 0).all() and (result.a_out < 1).all()
-    assert (result.sigma_sq >= 0.01).all()
-    assert result.mu.shape == (4, 1, 5, 16) and result.a_out.shape == (4, 1, 5)
+    layer = em(5, impl=impl, lambda_schedule="fixed", var_floor=0.01)
+    poses, a_out, R = layer(V, a_in)
+    assert torch.allclose(R.sum(-1), torch.ones(4, 1, 10, 3), atol=1e-6)
+    assert (a_out > 0).all() and (a_out < 1).all()
+    assert poses.shape == (4, 1, 5, 16) and a_out.shape == (4, 1, 5)
 
 
-def test_golden_one_parent_two_children():
+@pytest.mark.parametrize("route", [reference_em_routing, fused_em_routing], ids=IMPLS)
+def test_golden_one_parent_two_children(route):
     # one parent, children votes 1 and 3 (every h), a = 1: mu = 2, sigma^2 = 1 + floor,
     # cost = 16 * (beta_u + 0.5 log(1 + floor)) * 2, a_out = sigmoid(lambda (beta_a - cost))
     V = torch.tensor([1.0, 3.0], dtype=torch.float64).view(1, 1, 2, 1, 1, 1).expand(1, 1, 2, 1, 1, 16)
-    res = em_routing(V, torch.ones(1, 1, 2, 1, dtype=torch.float64), beta_u=torch.tensor([0.1], dtype=torch.float64), beta_a=torch.tensor([2.0]),
-                     lambdas=[0.5], var_floor=0.0005, eps=0.0)
+    kwargs = {"moment_dtype": torch.float64} if route is fused_em_routing else {}
+    mu, a_out, _ = route(
+        V,
+        torch.ones(1, 1, 2, 1, dtype=torch.float64),
+        beta_u=torch.tensor([0.1], dtype=torch.float64),
+        beta_a=torch.tensor([2.0], dtype=torch.float64),
+        lambdas=[0.5],
+        var_floor=0.0005,
+        eps=0.0,
+        **kwargs,
+    )
     cost = 16 * (0.1 + 0.5 * math.log(1.0005)) * 2
-    assert torch.allclose(res.mu, torch.full((1, 1, 1, 16), 2.0, dtype=torch.float64))
-    assert torch.allclose(res.sigma_sq, torch.full((1, 1, 1, 16), 1.0005, dtype=torch.float64))
-    assert math.isclose(res.a_out.item(), 1 / (1 + math.exp(-0.5 * (2.0 - cost))), rel_tol=1e-12)
+    assert torch.allclose(mu, torch.full((1, 1, 1, 16), 2.0, dtype=torch.float64))
+    assert math.isclose(a_out.item(), 1 / (1 + math.exp(-0.5 * (2.0 - cost))), rel_tol=1e-12)
 
 
 def test_lambda_schedule_golden_values():
     assert inverse_temperatures(3) == pytest.approx([0.0005, 0.000975, 0.00142625], rel=1e-12)
     assert inverse_temperatures(3, scale=0.25) == pytest.approx([0.000125, 0.00024375, 0.0003565625], rel=1e-12)
+    assert inverse_temperatures(2, value=0.02) == pytest.approx(
+        [0.001, 0.00195], rel=1e-12
+    )  # value scales the official ramp
     assert inverse_temperatures(2, schedule="fixed", value=0.3, scale=0.25) == pytest.approx([0.075, 0.075])
-    assert ClassCapsules(in_types=2, num_classes=3).routing.lambdas == pytest.approx([0.000125, 0.00024375, 0.0003565625])
-    assert ConvCapsules(in_types=2, out_types=3, kernel_size=3, stride=1, iterations=2).routing.lambdas == pytest.approx([0.0005, 0.000975])
-    fixed = ConvCapsules(in_types=2, out_types=3, kernel_size=3, stride=1, lambda_schedule="fixed", lambda_value=0.02)
-    assert fixed.routing.lambdas == pytest.approx([0.02] * 3)
+    assert em(3, role="class").lambdas == pytest.approx([0.000125, 0.00024375, 0.0003565625])
+    assert em(3, iterations=2).lambdas == pytest.approx([0.0005, 0.000975])
+    assert em(3, lambda_schedule="fixed", lambda_value=0.02).lambdas == pytest.approx([0.02] * 3)
+    assert em(
+        3, lambda_schedule="fixed", lambda_value=0.02, role="class", class_lambda_scale=0.5
+    ).lambdas == pytest.approx([0.01] * 3)
 
 
-def test_routing_runs_in_float32_under_autocast():
-    layer = ClassCapsules(in_types=2, num_classes=3)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_routing_runs_in_float32_under_autocast(impl):
+    layer = class_layer(2, 3, impl=impl, moment_dtype="float32")
     pose, a = torch.randn(2, 3, 3, 2, 16).bfloat16(), torch.rand(2, 3, 3, 2).bfloat16()
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         mu, a_out = layer(pose, a)
     assert mu.dtype == torch.float32 and a_out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kwargs,key", [
-    ({"iterations": 0}, "iterations"), ({"lambda_schedule": "linear"}, "lambda_schedule"),
-    ({"var_floor": 0.0}, "var_floor"), ({"lambda_scale": -1.0}, "lambda_scale"), ({"pose": "quaternion"}, "pose"),
-])
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        ({"iterations": 0}, "iterations"),
+        ({"lambda_schedule": "linear"}, "lambda_schedule"),
+        ({"var_floor": 0.0}, "var_floor"),
+        ({"class_lambda_scale": -1.0}, "class_lambda_scale"),
+        ({"normalisation": "global"}, "normalisation"),
+        ({"moment_dtype": "float16"}, "moment_dtype"),
+        ({"impl": "cuda"}, "impl"),
+        ({"iteration": 2}, "iteration"),
+    ],
+)
 def test_bad_config_raises_naming_the_key(kwargs, key):
-    with pytest.raises(ConfigError, match=key):
-        ConvCapsules(in_types=2, out_types=2, kernel_size=3, stride=1, **kwargs)
+    with pytest.raises(ConfigError, match=f"model.routing.*{key}"):
+        em(2, **kwargs)
 
 
 def test_routing_module_parameters():
-    assert sum(p.numel() for p in EMRouting(out_types=7).parameters()) == 14
+    assert sum(p.numel() for p in em(7).parameters()) == 14
 
 
-# --- the single-pass implementation: precision, gradients and layouts -------------------------
+# --- fused == reference; precision, gradients and layouts of the fused moments -----------------
 
 
 def routing_inputs(case: str, *, conv: bool, seed: int = 0) -> dict:
     """Votes (B, P, K, T_in, T_out, 16), activations and routing kwargs; conv: 3x3/1 on a 5x5 grid."""
     torch.manual_seed(seed)
     if conv:
-        child_index, k, p = conv_child_index(5, 5, kernel_size=3, stride=1), 9, 9
-        extra = {"child_index": child_index, "num_children": 25}
+        layout, k, p = ChildLayout(conv_child_index(5, 5, kernel_size=3, stride=1), 25), 9, 9
     else:
-        k, p, extra = 12, 1, {}
+        layout, k, p = ChildLayout(), 12, 1
     shape = (2, p, k, 3, 4, 16)
-    V = {"randn": torch.randn(shape), "offset_1000": 1000 + 3 * torch.randn(shape), "huge_1e4": 1e4 * torch.randn(shape)}[case]
-    return {"V": V, "a_in": torch.rand(shape[:4]), "beta_u": 0.5 * torch.randn(4), "beta_a": 0.5 * torch.randn(4),
-            "lambdas": [0.01, 0.02, 0.05], **extra}
+    V = {
+        "randn": torch.randn(shape),
+        "offset_1000": 1000 + 3 * torch.randn(shape),
+        "huge_1e4": 1e4 * torch.randn(shape),
+    }[case]
+    return {
+        "V": V,
+        "a_in": torch.rand(shape[:4]),
+        "beta_u": 0.5 * torch.randn(4),
+        "beta_a": 0.5 * torch.randn(4),
+        "lambdas": [0.01, 0.02, 0.05],
+        "layout": layout,
+    }
 
 
 def as_double(inputs: dict) -> dict:
     return {key: x.double() if torch.is_tensor(x) and x.is_floating_point() else x for key, x in inputs.items()}
 
 
+@pytest.mark.parametrize("normalisation", ["covering", "type", "patch"])
+@pytest.mark.parametrize("conv", [True, False])
+def test_fused_equals_reference_values_and_gradients(conv, normalisation):
+    inputs = as_double(routing_inputs("randn", conv=conv))
+    V, a_in = inputs.pop("V").requires_grad_(True), inputs.pop("a_in").requires_grad_(True)
+    beta_u, beta_a = inputs.pop("beta_u").requires_grad_(True), inputs.pop("beta_a").requires_grad_(True)
+    leaves = (V, a_in, beta_u, beta_a)
+    weights = None
+    results = []
+    for route, extra in ((reference_em_routing, {}), (fused_em_routing, {"moment_dtype": torch.float64})):
+        out = route(V, a_in, beta_u=beta_u, beta_a=beta_a, normalisation=normalisation, **inputs, **extra)
+        if weights is None:
+            weights = [torch.randn_like(x) for x in out]
+        loss = sum((w * x).sum() for w, x in zip(weights, out))
+        results.append((out, torch.autograd.grad(loss, leaves)))
+    (ref, ref_grads), (fused, fused_grads) = results
+    for x, y in zip(ref, fused):
+        assert torch.allclose(x, y, atol=1e-10, rtol=1e-9)
+    for x, y in zip(ref_grads, fused_grads):
+        assert torch.allclose(x, y, atol=1e-9, rtol=1e-7)
+
+
 @pytest.mark.parametrize("conv", [True, False])
 @pytest.mark.parametrize("case", ["randn", "offset_1000", "huge_1e4"])
 def test_float32_routing_close_to_float64(case, conv):
-    # the float64 path is the slow loop's (tests above); float32 centred moments stay close to it.
-    # Worst over 10 seeds: mu 2.5e-5 (relative), a_out 2.7e-5, R 7e-5; sigma_sq 7e-3 (relative)
-    # where one child dominates a parent: E[V'^2] - E[V']^2 cancels down to the variance floor
+    # float64 equals the slow loop (tests above); float32 centred moments stay close to it.
+    # Worst over 10 seeds: mu 2.5e-5 (relative), a_out 2.7e-5, R 7e-5
     inputs = routing_inputs(case, conv=conv)
-    got, ref = em_routing(**inputs), em_routing(**as_double(inputs))
-    assert got.mu.dtype == torch.float32
-    assert ((got.mu.double() - ref.mu).abs().max() / ref.mu.abs().max()).item() < 1e-4
-    assert ((got.sigma_sq.double() - ref.sigma_sq).abs() / ref.sigma_sq).max().item() < 2e-2
-    assert (got.a_out.double() - ref.a_out).abs().max().item() < 1e-4
-    assert (got.R.double() - ref.R).abs().max().item() < 5e-4
+    got, ref = fused_em_routing(**inputs), fused_em_routing(**as_double(inputs), moment_dtype=torch.float64)
+    assert got.poses.dtype == torch.float32
+    assert ((got.poses.double() - ref.poses).abs().max() / ref.poses.abs().max()).item() < 1e-4
+    assert (got.activations.double() - ref.activations).abs().max().item() < 1e-4
+    assert (got.assignments.double() - ref.assignments).abs().max().item() < 5e-4
 
 
 def test_float64_moments_exact_for_a_tight_cluster_far_from_the_mean():
@@ -264,15 +398,18 @@ def test_float64_moments_exact_for_a_tight_cluster_far_from_the_mean():
     centre = 10 * torch.randn(V.shape[0], V.shape[1], 1, 1, V.shape[4], 16)
     inputs["V"] = torch.where(inliers[..., None, None], centre + 1e-3 * torch.randn(V.shape), V)
     inputs["a_in"] = torch.where(inliers, 0.9, 0.1)
-    got, ref = em_routing(**inputs, moment_dtype=torch.float64), em_routing(**as_double(inputs))
-    assert got.mu.dtype == torch.float32 and got.R.dtype == torch.float32
-    assert ((got.sigma_sq.double() - ref.sigma_sq).abs() / ref.sigma_sq).max().item() < 1e-5
-    assert (got.a_out.double() - ref.a_out).abs().max().item() < 1e-6
-    assert (got.R.double() - ref.R).abs().max().item() < 1e-6
+    got = fused_em_routing(**inputs, moment_dtype=torch.float64)
+    ref = fused_em_routing(**as_double(inputs), moment_dtype=torch.float64)
+    lossy = fused_em_routing(**inputs, moment_dtype=torch.float32)
+    assert got.poses.dtype == torch.float64  # the routing arithmetic's dtype; the layers cast back
+    assert (got.activations - ref.activations).abs().max().item() < 1e-6
+    assert (got.assignments - ref.assignments).abs().max().item() < 1e-6
+    assert (lossy.assignments.double() - ref.assignments).abs().max().item() > 1e-5  # what float64 buys
 
 
+@pytest.mark.parametrize("route", [reference_em_routing, fused_em_routing], ids=IMPLS)
 @pytest.mark.parametrize("conv", [True, False])
-def test_em_routing_gradcheck_float64(conv):
+def test_em_routing_gradcheck_float64(route, conv):
     inputs = as_double(routing_inputs("randn", conv=conv))
     inputs["V"] = inputs["V"][:1, :, :, :2, :3]  # (1, P, K, 2, 3, 16)
     inputs["a_in"] = inputs["a_in"][:1, :, :, :2]
@@ -282,10 +419,10 @@ def test_em_routing_gradcheck_float64(conv):
     tensors = [V, inputs.pop("a_in"), inputs.pop("beta_u"), inputs.pop("beta_a")]
     for x in tensors:
         x.requires_grad_(True)
+    extra = {"moment_dtype": torch.float64} if route is fused_em_routing else {}
 
     def routed(V, a_in, beta_u, beta_a):
-        result = em_routing(V, a_in, beta_u=beta_u, beta_a=beta_a, **inputs)
-        return result.mu, result.a_out, result.sigma_sq
+        return route(V, a_in, beta_u=beta_u, beta_a=beta_a, **inputs, **extra)
 
     assert torch.autograd.gradcheck(routed, tensors, fast_mode=True)
 
@@ -294,16 +431,16 @@ def test_gradients_repeatable_partial_and_linear():
     inputs = routing_inputs("randn", conv=True)
     V = inputs.pop("V").requires_grad_(True)
     a_in = inputs.pop("a_in").requires_grad_(True)
-    result = em_routing(V, a_in, **inputs)
-    g_mu = torch.randn_like(result.mu)
-    first = torch.autograd.grad((result.mu * g_mu).sum(), V, retain_graph=True)[0]
-    again = torch.autograd.grad((result.mu * g_mu).sum(), V, retain_graph=True)[0]
+    mu, a_out, _ = fused_em_routing(V, a_in, **inputs)
+    g_mu = torch.randn_like(mu)
+    first = torch.autograd.grad((mu * g_mu).sum(), V, retain_graph=True)[0]
+    again = torch.autograd.grad((mu * g_mu).sum(), V, retain_graph=True)[0]
     assert torch.equal(first, again)  # nothing left over from one backward to the next
-    of_a = torch.autograd.grad(result.a_out.sum(), V, retain_graph=True)[0]
-    both = torch.autograd.grad((result.mu * g_mu).sum() + result.a_out.sum(), V, retain_graph=True)[0]
+    of_a = torch.autograd.grad(a_out.sum(), V, retain_graph=True)[0]
+    both = torch.autograd.grad((mu * g_mu).sum() + a_out.sum(), V, retain_graph=True)[0]
     assert torch.allclose(both, first + of_a, rtol=1e-4, atol=1e-6)
-    only_a = em_routing(V.detach(), a_in, **inputs)  # votes without gradient
-    (grad_a,) = torch.autograd.grad(only_a.a_out.sum(), a_in)
+    only_a = fused_em_routing(V.detach(), a_in, **inputs)  # votes without gradient
+    (grad_a,) = torch.autograd.grad(only_a.activations.sum(), a_in)
     assert torch.isfinite(grad_a).all() and grad_a.abs().sum() > 0
 
 
@@ -312,20 +449,21 @@ def test_vote_layout_does_not_change_the_result():
     V = inputs.pop("V")
     strided = V.permute(2, 3, 0, 1, 4, 5).contiguous().permute(2, 3, 0, 1, 4, 5)  # the vote einsum's layout
     assert not strided.is_contiguous()
-    a, b = em_routing(V, **inputs), em_routing(strided, **inputs)
-    assert torch.equal(a.mu, b.mu) and torch.equal(a.a_out, b.a_out) and torch.equal(a.R, b.R)
+    a, b = fused_em_routing(V, **inputs), fused_em_routing(strided, **inputs)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_parents_without_data_get_zero_pose_and_floor_variance():
-    # as the slow loop: mu = sum_i R V / (sum_i R + eps) = 0 when no child is active
+@pytest.mark.parametrize("route", [reference_em_routing, fused_em_routing], ids=IMPLS)
+def test_parents_without_data_get_zero_pose_and_the_bias_activation(route):
+    # as the slow loop: mu = sum_i R V / (sum_i R + eps) = 0 and cost = 0 when no child is active
     inputs = routing_inputs("offset_1000", conv=True)
     inputs["a_in"] = torch.zeros_like(inputs["a_in"])
-    result = em_routing(**inputs, var_floor=0.01)
-    assert torch.equal(result.mu, torch.zeros_like(result.mu))
-    assert torch.allclose(result.sigma_sq, torch.full_like(result.sigma_sq, 0.01))
+    poses, a_out, _ = route(**inputs, var_floor=0.01)
+    assert torch.equal(poses, torch.zeros_like(poses))
+    expected = torch.sigmoid(inputs["lambdas"][-1] * inputs["beta_a"]).expand_as(a_out)
+    assert torch.allclose(a_out, expected)
 
 
-def test_bad_moment_dtype_raises_naming_the_key():
-    with pytest.raises(ConfigError, match="moment_dtype"):
-        ConvCapsules(in_types=2, out_types=2, kernel_size=3, stride=1, moment_dtype="float16")
-    assert ClassCapsules(in_types=2, num_classes=3, moment_dtype="float64").routing.moment_dtype == "float64"
+def test_moment_dtype_and_normalisation_reach_the_routing():
+    layer = conv_layer(2, 2, 3, 1, moment_dtype="float64", normalisation="type")
+    assert layer.routing.moment_dtype == "float64" and layer.routing.normalisation == "type"

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsnets.nn.class_caps import ClassCapsules, coordinate_offsets
-from capsnets.nn.conv_caps import ConvCapsules
+from capsnets.nn.class_caps import coordinate_offsets
 from capsnets.nn.matrix_caps import PrimaryMatrixCapsules, capsule_votes
+
+from helpers import class_layer, conv_layer, final_assignments
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -33,23 +34,23 @@ def test_primary_pose_layout_matches_conv_channels():
 
 @pytest.mark.parametrize("pose_kind,per_w", [("matrix", 16), ("vector", 256)])
 def test_conv_shapes_and_params(pose_kind, per_w):
-    layer = ConvCapsules(in_types=32, out_types=32, kernel_size=3, stride=2, pose=pose_kind)
+    layer = conv_layer(32, 32, 3, 2, pose=pose_kind)
     assert n_params(layer) == 3 * 3 * 32 * 32 * per_w + 2 * 32
     assert layer.weight.shape[-2:] == ((4, 4) if pose_kind == "matrix" else (16, 16))
-    small = ConvCapsules(in_types=4, out_types=3, kernel_size=3, stride=2, pose=pose_kind)
-    pose, a = small(torch.randn(2, 7, 7, 4, 16), torch.rand(2, 7, 7, 4))
+    small = conv_layer(4, 3, 3, 2, pose=pose_kind)
+    (pose, a), R = final_assignments(small, torch.randn(2, 7, 7, 4, 16), torch.rand(2, 7, 7, 4))
     assert pose.shape == (2, 3, 3, 3, 16) and a.shape == (2, 3, 3, 3)
-    assert small.last_assignments.shape == (2, 3, 3, 9, 4, 3)
+    assert R.shape == (2, 9, 9, 4, 3)  # (B, P = 3x3 positions, K = 3x3 offsets, T_in, T_out)
 
 
 @pytest.mark.parametrize("pose_kind,per_w", [("matrix", 16), ("vector", 256)])
 def test_class_shapes_and_params(pose_kind, per_w):
-    layer = ClassCapsules(in_types=32, num_classes=5, pose=pose_kind)
+    layer = class_layer(32, 5, pose=pose_kind)
     assert n_params(layer) == 32 * 5 * per_w + 2 * 5
-    pose, a = layer(torch.randn(3, 4, 4, 32, 16), torch.rand(3, 4, 4, 32))
+    (pose, a), R = final_assignments(layer, torch.randn(3, 4, 4, 32, 16), torch.rand(3, 4, 4, 32))
     assert pose.shape == (3, 5, 16) and a.shape == (3, 5)
     assert (a > 0).all() and (a < 1).all()
-    assert torch.allclose(layer.last_assignments.sum(-1), torch.ones(3, 4, 4, 32), atol=1e-5)
+    assert torch.allclose(R.sum(-1), torch.ones(3, 1, 16, 32), atol=1e-5)
 
 
 def test_votes_are_pose_times_w():
@@ -66,7 +67,7 @@ def test_votes_are_pose_times_w():
 def test_coordinate_addition_adds_scaled_centre_to_two_elements_only(pose_kind, elements):
     torch.manual_seed(0)
     h, w = 3, 5
-    layer = ClassCapsules(in_types=2, num_classes=4, pose=pose_kind)
+    layer = class_layer(2, 4, pose=pose_kind)
     pose = torch.randn(2, h, w, 2, 16)
     with_coords = layer.votes(pose)
     layer.coordinate_addition = False
@@ -83,8 +84,8 @@ def test_coordinate_addition_adds_scaled_centre_to_two_elements_only(pose_kind, 
 def test_coordinate_addition_changes_outputs_only_when_on():
     torch.manual_seed(1)
     pose, a = torch.randn(2, 3, 3, 2, 16), torch.rand(2, 3, 3, 2)
-    on = ClassCapsules(in_types=2, num_classes=3)
-    off = ClassCapsules(in_types=2, num_classes=3, coordinate_addition=False)
+    on = class_layer(2, 3)
+    off = class_layer(2, 3, coordinate_addition=False)
     off.load_state_dict(on.state_dict())
     assert not torch.allclose(on(pose, a)[0], off(pose, a)[0])
 
@@ -113,7 +114,7 @@ def assert_healthy(layer: torch.nn.Module, pose: torch.Tensor, a: torch.Tensor) 
 def test_conv_numerical_health(case, kernel_size, stride):
     torch.manual_seed(0)
     make_pose, make_a = HEALTH_INPUTS[case]
-    layer = ConvCapsules(in_types=2, out_types=3, kernel_size=kernel_size, stride=stride)
+    layer = conv_layer(2, 3, kernel_size, stride)
     assert_healthy(layer, make_pose((2, 5, 5, 2, 16)), make_a((2, 5, 5, 2)))
 
 
@@ -122,7 +123,7 @@ def test_conv_numerical_health(case, kernel_size, stride):
 def test_class_numerical_health(case, pose_kind):
     torch.manual_seed(0)
     make_pose, make_a = HEALTH_INPUTS[case]
-    layer = ClassCapsules(in_types=2, num_classes=3, pose=pose_kind)
+    layer = class_layer(2, 3, pose=pose_kind)
     assert_healthy(layer, make_pose((2, 3, 3, 2, 16)), make_a((2, 3, 3, 2)))
 
 
@@ -130,8 +131,8 @@ def test_class_numerical_health(case, pose_kind):
 @pytest.mark.parametrize("schedule", ["official", "fixed"])
 def test_iterations_and_schedules_stay_finite(iterations, schedule):
     torch.manual_seed(iterations)
-    conv = ConvCapsules(in_types=2, out_types=2, kernel_size=3, stride=1, iterations=iterations, lambda_schedule=schedule)
-    head = ClassCapsules(in_types=2, num_classes=3, iterations=iterations, lambda_schedule=schedule)
+    conv = conv_layer(2, 2, 3, 1, iterations=iterations, lambda_schedule=schedule)
+    head = class_layer(2, 3, iterations=iterations, lambda_schedule=schedule)
     pose, a = torch.randn(2, 5, 5, 2, 16), torch.rand(2, 5, 5, 2)
     mu, a_mid = conv(pose, a)
     mu, a_out = head(mu, a_mid)
@@ -142,15 +143,14 @@ def test_iterations_and_schedules_stay_finite(iterations, schedule):
 
 def test_conv_gradcheck_float64():
     torch.manual_seed(4)
-    layer = ConvCapsules(in_types=1, out_types=2, kernel_size=2, stride=1, iterations=2,
-                         lambda_schedule="fixed", lambda_value=0.1).double()
+    layer = conv_layer(1, 2, 2, 1, iterations=2, lambda_schedule="fixed", lambda_value=0.1).double()
     pose = torch.randn(1, 3, 3, 1, 16, dtype=torch.float64, requires_grad=True)
     a = torch.rand(1, 3, 3, 1, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda p, q: layer(p, q), (pose, a), fast_mode=True)
 
 
 def test_wrong_shapes_and_too_small_grid_raise():
-    layer = ConvCapsules(in_types=2, out_types=2, kernel_size=3, stride=1)
+    layer = conv_layer(2, 2, 3, 1)
     with pytest.raises(ValueError, match="expects poses"):
         layer(torch.randn(1, 4, 4, 3, 16), torch.rand(1, 4, 4, 3))
     with pytest.raises(ValueError, match="smaller than"):

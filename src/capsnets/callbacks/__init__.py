@@ -1,21 +1,23 @@
-"""Lightning callbacks: the spread-loss margin schedule, and pictures (reconstructions, capsule
-perturbations, confusion matrices, routing statistics, EM class activations)."""
+"""Lightning callbacks: the spread-loss margin schedule, learning curves, and pictures (confusion
+matrices, reconstructions and capsule perturbations, routing statistics and class activations)."""
 
-from capsnets.callbacks.margin_schedule import SpreadMarginSchedule, linear_margin, sigmoid_margin
-from capsnets.callbacks.pictures import KINDS as PICTURE_KINDS
-from capsnets.callbacks.pictures import PicturesCallback, confusion_counts, perturbed_capsules, perturbed_reconstructions
-from capsnets.callbacks.routing_stats import LayerRoutingStats, record_routing, routing_statistics
+from capsnets.callbacks.confusion_matrix import ConfusionMatrixPictures
+from capsnets.callbacks.learning_curve import LearningCurve
+from capsnets.callbacks.margin_schedule import SpreadMarginSchedule
+from capsnets.callbacks.pictures import PictureCallback
+from capsnets.callbacks.reconstructions import ReconstructionPictures, perturbed_capsules, perturbed_reconstructions
+from capsnets.callbacks.routing_pictures import RoutingPictures
+from capsnets.callbacks.routing_stats import LayerRoutingStats, routing_statistics
 
 __all__ = [
-    "PICTURE_KINDS",
+    "ConfusionMatrixPictures",
     "LayerRoutingStats",
-    "PicturesCallback",
+    "LearningCurve",
+    "PictureCallback",
+    "ReconstructionPictures",
+    "RoutingPictures",
     "SpreadMarginSchedule",
-    "confusion_counts",
-    "linear_margin",
     "perturbed_capsules",
     "perturbed_reconstructions",
-    "record_routing",
     "routing_statistics",
-    "sigmoid_margin",
 ]

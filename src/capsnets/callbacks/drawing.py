@@ -23,6 +23,7 @@ CHAR_INCHES = 0.08  # width of one tick-label character at matplotlib's default 
 
 # --- image grids -----------------------------------------------------------------------------
 
+
 def display_images(x: torch.Tensor, *, scale: int = 1) -> torch.Tensor:
     """Images (N, C, H, W) of any dtype and range -> RGB (N, 3, H*scale, W'*scale) floats in [0, 1].
 
@@ -73,8 +74,19 @@ def perturbation_grid(images: torch.Tensor, *, scale: int = 1) -> np.ndarray:
 
 # --- charts ----------------------------------------------------------------------------------
 
-def new_figure(width: float, height: float, dpi: int, *, left: float = 0.6, right: float = 0.2, bottom: float = 0.5,
-               top: float = 0.4, wspace: float = 0.3, hspace: float = 0.3):  # -> matplotlib.figure.Figure
+
+def new_figure(
+    width: float,
+    height: float,
+    dpi: int,
+    *,
+    left: float = 0.6,
+    right: float = 0.2,
+    bottom: float = 0.5,
+    top: float = 0.4,
+    wspace: float = 0.3,
+    hspace: float = 0.3,
+):  # -> matplotlib.figure.Figure
     """A matplotlib Figure on its own Agg canvas (not registered with pyplot).
 
     Margins are given in inches and fixed: matplotlib's constrained layout would place the text
@@ -85,8 +97,14 @@ def new_figure(width: float, height: float, dpi: int, *, left: float = 0.6, righ
 
     fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
-                        wspace=wspace, hspace=hspace)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=wspace,
+        hspace=hspace,
+    )
     return fig
 
 
@@ -110,8 +128,9 @@ def class_labels(num_classes: int, class_names: Sequence[str] | None) -> list[st
     return [str(k) for k in range(num_classes)]
 
 
-def confusion_matrix_figure(counts: torch.Tensor, *, class_names: Sequence[str] | None = None, title: str = "",
-                            dpi: int = 80) -> np.ndarray:
+def confusion_matrix_figure(
+    counts: torch.Tensor, *, class_names: Sequence[str] | None = None, title: str = "", dpi: int = 80
+) -> np.ndarray:
     """Confusion matrix (K, K), rows = true class, columns = predicted class.
 
     Colour is the row-normalised rate (each true class sums to 1); the cells show the counts
@@ -125,8 +144,15 @@ def confusion_matrix_figure(counts: torch.Tensor, *, class_names: Sequence[str] 
     labels = class_labels(k, class_names)
     rotate = max(map(len, labels)) > 3
     side = min(3.0 + 0.45 * k, 12.0)
-    fig = new_figure(side + 1.4, side + 0.4, dpi, left=0.55 + label_inches(labels), right=0.1,
-                     bottom=0.55 + (label_inches(labels) if rotate else 0.15), top=0.35)
+    fig = new_figure(
+        side + 1.4,
+        side + 0.4,
+        dpi,
+        left=0.55 + label_inches(labels),
+        right=0.1,
+        bottom=0.55 + (label_inches(labels) if rotate else 0.15),
+        top=0.35,
+    )
     ax = fig.add_subplot()
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
@@ -148,8 +174,9 @@ def routing_figure(stats: Sequence[LayerRoutingStats], *, title: str = "", dpi: 
     """One row per routing layer. Left: child entropy per iteration (mean and 10-90% band) with
     the uniform split's entropy dashed; right: histograms of each child's largest coupling or
     assignment, one outline per iteration."""
-    fig = new_figure(9.0, 2.6 * len(stats) + 0.4, dpi, left=0.65, bottom=0.5, top=0.55 if title else 0.3,
-                     wspace=0.25, hspace=0.5)
+    fig = new_figure(
+        9.0, 2.6 * len(stats) + 0.4, dpi, left=0.65, bottom=0.5, top=0.55 if title else 0.3, wspace=0.25, hspace=0.5
+    )
     axes = fig.subplots(len(stats), 2, squeeze=False)
     for (ax_entropy, ax_hist), layer in zip(axes, stats):
         its = np.arange(1, layer.iterations + 1)
@@ -174,8 +201,15 @@ def routing_figure(stats: Sequence[LayerRoutingStats], *, title: str = "", dpi: 
     return figure_to_array(fig)
 
 
-def class_activations_figure(activations: torch.Tensor, labels: torch.Tensor, *, per_iteration: torch.Tensor | None = None,
-                             class_names: Sequence[str] | None = None, title: str = "", dpi: int = 80) -> np.ndarray:
+def class_activations_figure(
+    activations: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    per_iteration: torch.Tensor | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str = "",
+    dpi: int = 80,
+) -> np.ndarray:
     """EM class-capsule activations of the fixed images.
 
     Left: activations (N, K) as a heat map, one row per image, the true class circled. Right
@@ -189,8 +223,15 @@ def class_activations_figure(activations: torch.Tensor, labels: torch.Tensor, *,
     panels = 2 if per_iteration is not None else 1
     rows = [f"#{i} ({names[int(y)]})" for i, y in enumerate(labels)]
     rotate = max(map(len, names)) > 3
-    fig = new_figure(2.6 + label_inches(rows) + 0.4 * k + 3.8 * (panels - 1), 1.6 + 0.3 * n, dpi, left=0.3 + label_inches(rows),
-                     bottom=0.55 + (label_inches(names) if rotate else 0.15), top=0.55 if title else 0.3, wspace=0.35)
+    fig = new_figure(
+        2.6 + label_inches(rows) + 0.4 * k + 3.8 * (panels - 1),
+        1.6 + 0.3 * n,
+        dpi,
+        left=0.3 + label_inches(rows),
+        bottom=0.55 + (label_inches(names) if rotate else 0.15),
+        top=0.55 if title else 0.3,
+        wspace=0.35,
+    )
     axes = fig.subplots(1, panels, squeeze=False)[0]
     image = axes[0].imshow(activations.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     fig.colorbar(image, ax=axes[0], label="activation")
@@ -217,6 +258,7 @@ def class_activations_figure(activations: torch.Tensor, labels: torch.Tensor, *,
 
 
 # --- files -----------------------------------------------------------------------------------
+
 
 def write_png(pixels: np.ndarray, path: Path) -> Path:
     """Write (H, W, 3) uint8 pixels as a PNG, creating the folder."""

@@ -118,6 +118,21 @@ class ImageClassificationDataModule(LightningDataModule):
         split is served unshuffled and without the random training transform."""
         self.eval_split = require_choice("split", split, EVAL_SPLITS)
 
+    # --- evaluation options (eval.py): which rows of the test split, how they are scored ------
+    @property
+    def viewpoint_protocol(self) -> str | None:
+        """The novel-viewpoint protocol the training split follows (smallNORB: azimuth/elevation), else None."""
+        return None
+
+    def set_test_viewpoints(self, viewpoints: str) -> None:
+        """Test on the ``novel``, ``familiar`` or ``all`` viewpoints of a novel-viewpoint protocol;
+        datasets without one refuse, naming the fix (smallNORB implements it)."""
+        raise ConfigError(
+            f"viewpoints={viewpoints}: {type(self).__name__} has no novel-viewpoint protocol; familiar/novel "
+            f"viewpoints exist only for smallNORB trained with data.split=azimuth or elevation. Fix: drop viewpoints=, "
+            f"or evaluate on a protocol's test viewpoints with data=smallnorb_azimuth (or +data_overrides.split=azimuth)."
+        )
+
     def eval_dataset(self) -> TensorPairDataset | None:
         """The dataset of :attr:`eval_split` (None before ``setup``)."""
         return {"test": self.data_test, "val": self.data_val, "train": self.data_train}[self.eval_split]
@@ -187,10 +202,15 @@ class ImageClassificationDataModule(LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 -> float32 in [0, 1] on the device; random shift while training (never val/test)."""
-        x, y = batch
-        if not torch.is_floating_point(x):
-            x = x.float() / 255.0
+        x, y = self.eval_batch(batch)
         trainer = self.trainer
         if trainer is not None and trainer.training and self.shift_pixels > 0:
             x = random_shift(x, self.shift_pixels)
+        return x, y
+
+    def eval_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of the evaluation loaders, already on the device, in the form the model scores (no augmentation)."""
+        x, y = batch
+        if not torch.is_floating_point(x):
+            x = x.float() / 255.0
         return x, y

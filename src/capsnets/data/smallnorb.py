@@ -228,8 +228,8 @@ class SmallNORBDataModule(ImageClassificationDataModule):
         training viewpoints; ``all`` = the whole testing file. Takes effect at the next ``setup``."""
         if self.viewpoint_protocol is None:
             raise ConfigError(
-                f"test viewpoints {viewpoints!r} need a novel-viewpoint protocol, but data.split=standard. "
-                f"Fix: data.split=azimuth or data.split=elevation."
+                f"viewpoints={viewpoints}: {type(self).__name__} with data.split=standard has no novel-viewpoint protocol. "
+                f"Fix: drop viewpoints=, or use data.split=azimuth or data.split=elevation (+data_overrides.split=azimuth)."
             )
         chosen = require_choice("viewpoints", viewpoints, VIEWPOINTS)
         if chosen != self.test_viewpoints:
@@ -362,11 +362,15 @@ class SmallNORBDataModule(ImageClassificationDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 crops on the device: random crop, brightness and contrast while training, else centre/multi-crop."""
         x, y = batch
-        x = x.float()  # (B, C, R, R) standardised
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            return self.train_transform(x), y
-        return self.eval_transform(x), y
+            return self.train_transform(x.float()), y  # x: (B, C, R, R) standardised
+        return self.eval_batch(batch)
+
+    def eval_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centre (or multi-) crops of a batch on the device, as validation and test see them."""
+        x, y = batch
+        return self.eval_transform(x.float()), y
 
     def train_transform(self, x: torch.Tensor) -> torch.Tensor:
         """Random crop per image, then + U(-brightness, brightness) and contrast x U(lo, hi) (Hinton et al. 2018)."""

@@ -1,8 +1,21 @@
-"""LightningModules, one per capsule variant, sharing :class:`CapsuleClassifier`."""
+"""LightningModules, one per capsule variant (and the CNN baselines), sharing :class:`CapsuleClassifier`.
 
-from capsnets.models.base import CapsuleClassifier
-from capsnets.models.cnn import BaselineCNN, CNNModule
-from capsnets.models.dr_caps import CapsNet, DRCapsModule
-from capsnets.models.em_caps import EMCapsModule, EMCapsNet
+The networks themselves are plain ``torch.nn`` modules in :mod:`capsnets.nets`.
+"""
 
-__all__ = ["BaselineCNN", "CNNModule", "CapsNet", "CapsuleClassifier", "DRCapsModule", "EMCapsModule", "EMCapsNet"]
+from capsnets.models.base import CapsuleClassifier, CapsuleView
+from capsnets.models.cnn import CNNModule
+from capsnets.models.dr_caps import DRCapsModule
+from capsnets.models.em_caps import EMCapsModule
+from capsnets.nets import BaselineCNN, CapsNet, EMCapsNet
+
+__all__ = [
+    "BaselineCNN",
+    "CNNModule",
+    "CapsNet",
+    "CapsuleClassifier",
+    "CapsuleView",
+    "DRCapsModule",
+    "EMCapsModule",
+    "EMCapsNet",
+]

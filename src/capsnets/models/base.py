@@ -9,13 +9,16 @@ do not change the curve.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from lightning import LightningModule
 from torchmetrics.classification import MulticlassAccuracy
 
 from capsnets.errors import ConfigError
+from capsnets.nn.routing import RoutingTrace, recording
 from capsnets.utils.validation import require_choice, require_positive, require_range
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -38,8 +41,27 @@ def validate_scheduler(cfg: dict[str, Any]) -> None:
         require_positive("model.scheduler.decay_samples", cfg.get("decay_samples"))
 
 
+@dataclass
+class CapsuleView:
+    """What a model shows of one batch: everything pictures and routing statistics read (see ``inspect``)."""
+
+    scores: torch.Tensor  # (B, K) class scores
+    poses: torch.Tensor | None = None  # (B, K, D) class capsules; None for a model without capsules
+    decoder: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None  # (poses, labels) -> images
+    traces: dict[str, RoutingTrace] = field(default_factory=dict)  # routed layer -> every iteration
+    class_layer: str | None = None  # the layer in ``traces`` whose parents are the class capsules
+
+
 class CapsuleClassifier(LightningModule):
-    """Base class: subclasses build ``self.net`` and implement ``shared_step``."""
+    """Base class: subclasses build ``self.net`` and implement ``shared_step`` and ``class_capsules``.
+
+    ``capsule_kind`` (``vector``, ``matrix`` or None for a model without capsules) is the kind of
+    routing the model's capsule layers take (``model.routing``); ``class_layer`` names the layer
+    whose routing makes the class capsules.
+    """
+
+    capsule_kind: ClassVar[str | None] = None
+    class_layer: ClassVar[str | None] = None
 
     def __init__(self, *, num_classes: int, optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
         super().__init__()
@@ -56,6 +78,31 @@ class CapsuleClassifier(LightningModule):
     def shared_step(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Return (loss, class scores (B, K), extra named loss terms to log)."""
         raise NotImplementedError
+
+    def class_capsules(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Class capsules (B, K, D) (None without capsules) and class scores (B, K) of images x."""
+        raise NotImplementedError
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores (B, K) of images (B, C, H, W), or of multi-crop batches (B, n, C, H, W) averaged over crops."""
+        if x.dim() == 5:
+            return self.class_capsules(x.flatten(0, 1))[1].view(x.shape[0], x.shape[1], -1).mean(dim=1)
+        return self.class_capsules(x)[1]
+
+    @property
+    def decoder(self) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+        """The reconstruction decoder, ``(class capsules (N, K, D), labels (N,) or None) -> images``, if any."""
+        return None
+
+    @torch.no_grad()
+    def inspect(self, x: torch.Tensor, *, traces: bool = True) -> CapsuleView:
+        """One forward pass of ``x`` without gradients, with every routing iteration recorded if ``traces``."""
+        if not traces:
+            return CapsuleView(*reversed(self.class_capsules(x)), decoder=self.decoder, class_layer=self.class_layer)
+        with recording(self.net) as layers:
+            poses, scores = self.class_capsules(x)
+            recorded = {name: layer.trace for name, layer in layers.items() if layer.trace is not None}
+        return CapsuleView(scores, poses, self.decoder, recorded, self.class_layer)
 
     # --- steps ----------------------------------------------------------------------
     def _crops_step(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -76,7 +123,9 @@ class CapsuleClassifier(LightningModule):
         metric = {"train": self.train_acc, "val": self.val_acc, "test": self.test_acc}[stage]
         metric(scores.detach(), y)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=x.shape[0]
+        )
         self.log(f"{stage}/acc", metric, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         for name, value in parts.items():
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
@@ -89,7 +138,7 @@ class CapsuleClassifier(LightningModule):
         self.samples_seen += int(batch[0].shape[0]) * self.trainer.world_size
 
     # Evaluation steps also return the class scores (B, K), so callbacks can use the predictions
-    # without a second forward pass (e.g. the confusion matrix of capsnets.callbacks.PicturesCallback).
+    # without a second forward pass (e.g. capsnets.callbacks.ConfusionMatrixPictures).
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         loss, scores = self._step(batch, "val")
         return {"loss": loss, "scores": scores}
@@ -125,7 +174,10 @@ class CapsuleClassifier(LightningModule):
     # --- checkpoints ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain values only, so torch.load(weights_only=True) can read the file.
-        meta: dict[str, Any] = {"model_class": f"{type(self).__module__}.{type(self).__qualname__}", "samples_seen": self.samples_seen}
+        meta: dict[str, Any] = {
+            "model_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "samples_seen": self.samples_seen,
+        }
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
             meta["datamodule_class"] = f"{type(dm).__module__}.{type(dm).__qualname__}"

@@ -12,10 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnets.nn.em_routing import EMRouting
+from capsnets.errors import ConfigError
 from capsnets.nn.matrix_caps import (
-    MATRIX_SIDE, POSE_SIZE, capsule_votes, check_capsules, init_transforms, validate_pose_and_init,
+    MATRIX_SIDE,
+    POSE_SIZE,
+    capsule_votes,
+    check_capsules,
+    init_transforms,
+    validate_pose_and_init,
 )
+from capsnets.nn.routing import Routing
 from capsnets.utils.validation import require_int
 
 # vote elements that receive (row, col): the first two entries of the right-hand column of the
@@ -24,8 +30,14 @@ from capsnets.utils.validation import require_int
 COORDINATE_ELEMENTS = {"matrix": (MATRIX_SIDE - 1, 2 * MATRIX_SIDE - 1), "vector": (0, 1)}
 
 
-def coordinate_offsets(height: int, width: int, *, pose: str = "matrix", device: torch.device | None = None,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def coordinate_offsets(
+    height: int,
+    width: int,
+    *,
+    pose: str = "matrix",
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """(H*W, 16) offsets: ``(y + 0.5) / H`` and ``(x + 0.5) / W`` at grid position (y, x), zero elsewhere."""
     row = (torch.arange(height, device=device, dtype=dtype) + 0.5) / height  # (H,) centre of each row, in (0, 1)
     col = (torch.arange(width, device=device, dtype=dtype) + 0.5) / width  # (W,)
@@ -40,28 +52,28 @@ class ClassCapsules(nn.Module):
     """Fully connected (shared-weight) capsules from a (B, H, W, T_in) grid to K classes.
 
     Parameters: ``in_types * num_classes * 16`` (matrix) or ``* 256`` (vector) for ``W``, plus
-    ``2 * num_classes`` for ``beta_u`` and ``beta_a``.
+    the routing's (EM: ``2 * num_classes`` for ``beta_u`` and ``beta_a``).
 
     Args:
         in_types: capsule types of the input grid.
         num_classes: K, one class capsule per class.
+        routing: a matrix-capsule routing built for ``num_classes`` types with ``role="class"``.
         coordinate_addition: add each child's scaled position to its votes (Sec. 3.1).
-        iterations: EM routing iterations.
         pose: "matrix" or "vector" (ablation; coordinates go to vote elements 0 and 1).
-        lambda_schedule, lambda_value, lambda_scale: inverse temperature; ``lambda_scale=0.25``
-            because the authors' code divides lambda by 4 at this layer.
-        var_floor: added to every class variance.
         init_std: std of the initial ``W``; None = 1/sqrt(rows of W).
-        moment_dtype: "float32" or "float64" routing arithmetic (see ``em_routing``).
 
-    After ``forward``, ``last_assignments`` holds the detached final R, (B, H, W, T_in, K).
+    Slot ``(y * W + x)`` of the routing's assignments is the child at grid position (y, x).
     """
 
     def __init__(
-        self, *, in_types: int, num_classes: int, coordinate_addition: bool = True, iterations: int = 3,
-        pose: str = "matrix", lambda_schedule: str = "official", lambda_value: float = 0.01,
-        lambda_scale: float = 0.25, var_floor: float = 0.0005, init_std: float | None = None,
-        moment_dtype: str = "float64",
+        self,
+        *,
+        in_types: int,
+        num_classes: int,
+        routing: Routing,
+        coordinate_addition: bool = True,
+        pose: str = "matrix",
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         self.in_types = require_int("ClassCapsules.in_types", in_types)
@@ -69,12 +81,12 @@ class ClassCapsules(nn.Module):
         validate_pose_and_init("ClassCapsules", pose=pose, init_std=init_std)
         self.pose = pose
         self.coordinate_addition = bool(coordinate_addition)
-        self.weight = nn.Parameter(init_transforms(in_types, num_classes, pose=pose, init_std=init_std))  # W_ij per (in type, class)
-        self.routing = EMRouting(
-            out_types=num_classes, iterations=iterations, lambda_schedule=lambda_schedule, lambda_value=lambda_value,
-            lambda_scale=lambda_scale, var_floor=var_floor, moment_dtype=moment_dtype, layer="ClassCapsules",
-        )
-        self.last_assignments: torch.Tensor | None = None
+        self.weight = nn.Parameter(
+            init_transforms(in_types, num_classes, pose=pose, init_std=init_std)
+        )  # W_ij per (in type, class)
+        if routing.kind != "matrix" or routing.out_types != num_classes:
+            raise ConfigError(f"ClassCapsules needs a matrix-capsule routing for {num_classes} classes, got {routing}.")
+        self.routing = routing
 
     def votes(self, pose: torch.Tensor) -> torch.Tensor:
         """Votes (B, H*W, T_in, K, 16) of poses (B, H, W, T_in, 16), with coordinates if switched on."""
@@ -95,9 +107,8 @@ class ClassCapsules(nn.Module):
             dtype = torch.promote_types(torch.promote_types(pose.dtype, self.weight.dtype), torch.float32)
             V = self.votes(pose.to(dtype)).unsqueeze(1)  # one parent position: (B, 1, H*W, T_in, K, 16)
             a_in = a.to(dtype).reshape(b, 1, h * w, t_in)  # (B, 1, H*W, T_in)
-            result = self.routing(V, a_in)  # each child is normalised over the K classes
-        self.last_assignments = result.R.detach().reshape(b, h, w, t_in, self.num_classes)
-        return result.mu.squeeze(1), result.a_out.squeeze(1)  # (B, K, 16), (B, K)
+            result = self.routing(V, a_in)  # every slot its own child, normalised over the K classes
+        return result.poses.squeeze(1), result.activations.squeeze(1)  # (B, K, 16), (B, K)
 
     def extra_repr(self) -> str:
         return (

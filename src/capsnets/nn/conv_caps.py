@@ -2,9 +2,10 @@
 Procedure 1): ConvCaps1 / ConvCaps2 of the smallNORB network.
 
 Every parent (output position, out type) receives votes from the K x K x T_in children in its
-receptive field; ``W`` is shared across positions. In the E-step a child is normalised over
-every parent whose receptive field contains it, across output positions and types (the
-paper's semantics; the authors' release normalises per parent type, see REFERENCES.md).
+receptive field; ``W`` is shared across positions. The layer hands its routing the votes by
+patch and a :class:`~capsnets.nn.routing.ChildLayout` naming the input position of every slot,
+so the routing can normalise a child over every parent whose receptive field contains it (the
+paper's semantics) or otherwise (see ``normalisation`` in ``capsnets.nn.routing.em``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capsnets.nn.em_routing import EMRouting
+from capsnets.errors import ConfigError
 from capsnets.nn.matrix_caps import POSE_SIZE, capsule_votes, check_capsules, init_transforms, validate_pose_and_init
+from capsnets.nn.routing import ChildLayout, Routing
 from capsnets.utils.validation import require_int
 
 
-def conv_child_index(height: int, width: int, *, kernel_size: int, stride: int, device: torch.device | None = None) -> torch.Tensor:
+def conv_child_index(
+    height: int, width: int, *, kernel_size: int, stride: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Input position ``y * width + x`` of the child in every (output position, kernel offset) slot.
 
     Returns (H_out * W_out * K * K,) ordered as ``(oy, ox, ky, kx)``, i.e. slot ``(p, k)`` with
@@ -36,28 +40,29 @@ class ConvCapsules(nn.Module):
 
     One ``W`` per (kernel offset, in type, out type): 4x4 for matrix poses, 16x16 for vector
     poses. Parameters: ``K*K * in_types * out_types * 16`` (matrix) or ``* 256`` (vector), plus
-    ``2 * out_types`` for ``beta_u`` and ``beta_a``.
+    the routing's (EM: ``2 * out_types`` for ``beta_u`` and ``beta_a``).
 
     Args:
         in_types, out_types: capsule types of the child and parent layers.
         kernel_size, stride: the receptive field K and its stride.
-        iterations: EM routing iterations (the paper's best: 3).
+        routing: a matrix-capsule routing built for ``out_types`` (:func:`capsnets.nn.routing.build_routing`).
         pose: "matrix" (4x4 pose, ``V = M W``) or "vector" (16-vector, ``V = u W``, ablation).
-        lambda_schedule, lambda_value, lambda_scale: inverse temperature, see ``inverse_temperatures``.
-        var_floor: added to every parent variance.
         init_std: std of the initial ``W``; None = 1/sqrt(rows of W).
-        moment_dtype: "float32" or "float64" routing arithmetic (see ``em_routing``).
 
-    After ``forward``, ``last_assignments`` holds the detached final R,
-    (B, H_out, W_out, K*K, T_in, T_out); slot ``(oy, ox, ky*K+kx)`` is the child at input
-    position ``(oy*stride + ky, ox*stride + kx)``.
+    Slot ``(oy, ox, ky*K+kx)`` of the routing's assignments is the child at input position
+    ``(oy*stride + ky, ox*stride + kx)``.
     """
 
     def __init__(
-        self, *, in_types: int, out_types: int, kernel_size: int, stride: int, iterations: int = 3,
-        pose: str = "matrix", lambda_schedule: str = "official", lambda_value: float = 0.01,
-        lambda_scale: float = 1.0, var_floor: float = 0.0005, init_std: float | None = None,
-        moment_dtype: str = "float64",
+        self,
+        *,
+        in_types: int,
+        out_types: int,
+        kernel_size: int,
+        stride: int,
+        routing: Routing,
+        pose: str = "matrix",
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         self.in_types = require_int("ConvCapsules.in_types", in_types)
@@ -68,23 +73,26 @@ class ConvCapsules(nn.Module):
         self.pose = pose
         # W_ij per (kernel offset, in type, out type), shared across positions
         self.weight = nn.Parameter(init_transforms(kernel_size**2, in_types, out_types, pose=pose, init_std=init_std))
-        self.routing = EMRouting(
-            out_types=out_types, iterations=iterations, lambda_schedule=lambda_schedule, lambda_value=lambda_value,
-            lambda_scale=lambda_scale, var_floor=var_floor, moment_dtype=moment_dtype, layer="ConvCapsules",
-        )
-        self.last_assignments: torch.Tensor | None = None
+        if routing.kind != "matrix" or routing.out_types != out_types:
+            raise ConfigError(
+                f"ConvCapsules needs a matrix-capsule routing for {out_types} parent types, got {routing}."
+            )
+        self.routing = routing
 
     def output_size(self, in_size: int) -> int:
         """Side length of the output grid for an ``in_size`` x ``in_size`` input grid."""
         return (in_size - self.kernel_size) // self.stride + 1
 
     def forward(self, pose: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Poses (B, H, W, T_in, 16), activations (B, H, W, T_in) -> (B, H_out, W_out, T_out, 16), (B, H_out, W_out, T_out)."""
+        """Poses (B, H, W, T_in, 16), activations (B, H, W, T_in) -> poses (B, H_out, W_out, T_out, 16),
+        activations (B, H_out, W_out, T_out)."""
         check_capsules(pose, a, types=self.in_types, layer="ConvCapsules")
         b, h, w, t_in, _ = pose.shape
         h_out, w_out = self.output_size(h), self.output_size(w)
         if h_out < 1 or w_out < 1:
-            raise ValueError(f"ConvCapsules: input grid {h}x{w} is smaller than the {self.kernel_size}x{self.kernel_size} kernel.")
+            raise ValueError(
+                f"ConvCapsules: input grid {h}x{w} is smaller than the {self.kernel_size}x{self.kernel_size} kernel."
+            )
         kk = self.kernel_size**2
         child_index = conv_child_index(h, w, kernel_size=self.kernel_size, stride=self.stride, device=pose.device)
         with torch.autocast(device_type=pose.device.type, enabled=False):  # votes and routing in float32
@@ -94,10 +102,11 @@ class ConvCapsules(nn.Module):
             M = M.view(b, h_out * w_out, kk, t_in, POSE_SIZE)
             a_in = a.to(dtype).reshape(b, h * w, t_in).index_select(1, child_index).view(b, h_out * w_out, kk, t_in)
             V = capsule_votes(M, self.weight.to(dtype), pose_kind=self.pose)  # (B, P, K*K, T_in, T_out, 16)
-            result = self.routing(V, a_in, child_index=child_index, num_children=h * w)
-        self.last_assignments = result.R.detach().reshape(b, h_out, w_out, kk, t_in, self.out_types)
-        mu = result.mu.view(b, h_out, w_out, self.out_types, POSE_SIZE)  # (B, P, T_out, 16) -> (B, H_out, W_out, T_out, 16)
-        return mu, result.a_out.view(b, h_out, w_out, self.out_types)
+            result = self.routing(V, a_in, ChildLayout(child_index, h * w))
+        mu = result.poses.view(
+            b, h_out, w_out, self.out_types, POSE_SIZE
+        )  # (B, P, T_out, 16) -> (B, H_out, W_out, T_out, 16)
+        return mu, result.activations.view(b, h_out, w_out, self.out_types)
 
     def extra_repr(self) -> str:
         return (

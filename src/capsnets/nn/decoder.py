@@ -23,7 +23,9 @@ def mask_capsules(v: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
 class ReconstructionDecoder(nn.Module):
     """FC 512 ReLU -> FC 1024 ReLU -> FC (C*H*W) sigmoid, from the masked class capsules."""
 
-    def __init__(self, *, num_classes: int, capsule_dim: int, out_shape: Sequence[int], hidden: Sequence[int] = (512, 1024)) -> None:
+    def __init__(
+        self, *, num_classes: int, capsule_dim: int, out_shape: Sequence[int], hidden: Sequence[int] = (512, 1024)
+    ) -> None:
         super().__init__()
         self.out_shape = tuple(out_shape)
         sizes = [num_classes * capsule_dim, *hidden]

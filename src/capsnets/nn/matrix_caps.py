@@ -47,7 +47,9 @@ def capsule_votes(pose: torch.Tensor, W: torch.Tensor, *, pose_kind: str = "matr
         # row-major vec(M W) = vec(M) kron(I_4, W): a 16x16 vector transform whose einsum keeps
         # each vote's 16 elements together (M W itself would interleave them with T_out)
         eye = torch.eye(MATRIX_SIDE, dtype=W.dtype, device=W.device)
-        W = torch.einsum("ab,kijcd->kijacbd", eye, W).reshape(*W.shape[:-2], POSE_SIZE, POSE_SIZE)  # (K, T_in, T_out, 16, 16)
+        W = torch.einsum("ab,kijcd->kijacbd", eye, W).reshape(
+            *W.shape[:-2], POSE_SIZE, POSE_SIZE
+        )  # (K, T_in, T_out, 16, 16)
     # einsum batches over (k, i) and never materialises the poses broadcast over T_out
     return torch.einsum("bnkic,kijcd->bnkijd", pose, W)  # (B, N, K, T_in, T_out, 16)
 

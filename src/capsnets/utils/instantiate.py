@@ -43,6 +43,23 @@ def instantiate_datamodule(cfg: DictConfig) -> LightningDataModule:
     return hydra.utils.instantiate(cfg, _convert_="all")
 
 
+def check_model_config(cfg: DictConfig) -> None:
+    """Compose-time checks of ``model`` before anything is built: its routing exists, suits the model's
+    capsule kind and has only known settings (a ConfigError lists the options)."""
+    from capsnets import models
+    from capsnets.nn.routing import check_routing_config
+
+    classes = {f"capsnets.models.{name}": getattr(models, name) for name in models.__all__}
+    model_cls = classes.get(str(cfg.get("_target_")))
+    kind = getattr(model_cls, "capsule_kind", None)
+    routing = cfg.get("routing")
+    if kind is None or routing is None:
+        return
+    if not isinstance(routing, DictConfig):
+        raise ConfigError(f"model.routing must be a routing config (model/routing=<option>), got {routing!r}.")
+    check_routing_config(OmegaConf.to_container(routing, resolve=True), kind=kind)
+
+
 def instantiate_model(cfg: DictConfig) -> LightningModule:
     log.info("Instantiating model <%s>", cfg._target_)
     # _convert_="all": plain dicts/lists in hparams, so checkpoints load with weights_only=True

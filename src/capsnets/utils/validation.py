@@ -30,7 +30,9 @@ def require_positive(key: str, value: Any) -> float:
 def require_range(key: str, value: Any, low: float, high: float) -> float:
     """Return ``value`` as float if ``low <= value <= high``, else raise ConfigError."""
     if isinstance(value, bool) or not isinstance(value, Real) or not (low <= value <= high):
-        raise ConfigError(f"{key} must be a number in [{low}, {high}], got {value!r}. Fix: pass {key}=<value in [{low}, {high}]>.")
+        raise ConfigError(
+            f"{key} must be a number in [{low}, {high}], got {value!r}. Fix: pass {key}=<value in [{low}, {high}]>."
+        )
     return float(value)
 
 

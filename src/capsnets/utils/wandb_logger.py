@@ -12,8 +12,8 @@ leaks into the next job of a multirun:
 
 Online without a key or a network never prompts and never crashes: it falls back to offline with one
 line saying why; so does an online start that fails later (e.g. an invalid key). Every file W&B
-writes for the run stays under ``<run dir>/wandb/`` (see :class:`RunDirWandbLogger`). Offline runs land in ``<run dir>/wandb/offline-run-*`` and :func:`finish_loggers`
-prints the ``wandb sync`` command that uploads them later.
+writes for the run stays under ``<run dir>/wandb/`` (see :class:`RunDirWandbLogger`). Offline runs land in
+``<run dir>/wandb/offline-run-*`` and :func:`finish_loggers` prints the ``wandb sync`` command that uploads them later.
 """
 
 from __future__ import annotations
@@ -204,7 +204,10 @@ def wandb_logger(
     ``job_type`` = the script (``train`` / ``eval``).
     """
     if log_model not in (False, True, "all"):
-        raise ConfigError(f"logger.wandb.log_model must be false, true (checkpoints at the end) or 'all' (every checkpoint), got {log_model!r}.")
+        raise ConfigError(
+            "logger.wandb.log_model must be false, true (checkpoints at the end) or 'all' (every checkpoint), "
+            f"got {log_model!r}."
+        )
     if not project:
         raise ConfigError("logger.wandb.project must name a W&B project, e.g. logger.wandb.project=capsnets.")
     resolved, reason = resolve_mode(mode, network_timeout)

@@ -1,0 +1,110 @@
+"""Learning curves: accuracy on a held-out split against the number of training samples seen.
+
+Every ``every_samples`` training samples (all devices; and once before the first step) the
+model scores the whole ``split`` (``test`` by default: the curve is what a paper's "accuracy
+after N samples" means; ``val`` for model selection) with the network in eval mode, exactly as
+``trainer.test`` would score it (the DataModule's evaluation form of each batch, multi-crop
+averaging included). The points are logged as ``curve/<split>/acc`` (step = global step,
+with ``curve/samples``), kept in the checkpoint (a resumed run continues its curve) and written
+by ``train.py`` into ``metrics.json`` (``curve``), from which ``capsnets-summarize`` draws the
+curves of a sweep (mean +/- std over seeds per configuration).
+
+Cost: one pass over the split per point, on global rank 0 (the other ranks wait at their next
+collective). mnist_sample's 2,000 test digits take seconds for dr_caps and em_caps_small.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import move_data_to_device
+
+from capsnets.errors import ConfigError
+from capsnets.utils.validation import require_choice, require_int
+
+KEY = "callbacks.learning_curve"
+
+
+class LearningCurve(Callback):
+    """Scores ``split`` every ``every_samples`` training samples; ``curve`` holds ``{samples, acc}`` points.
+
+    Args:
+        every_samples: training samples between two points (counted as the model's ``samples_seen``).
+        split: ``test`` or ``val``.
+        at_start: also score before the first training step (the curve's origin, chance level).
+    """
+
+    def __init__(self, *, every_samples: int = 1000, split: str = "test", at_start: bool = True) -> None:
+        super().__init__()
+        self.every_samples = require_int(f"{KEY}.every_samples", every_samples)
+        self.split = require_choice(f"{KEY}.split", split, ("test", "val"))
+        self.at_start = bool(at_start)
+        self.curve: list[dict[str, float]] = []
+        self._next = 0  # samples_seen of the next point
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not callable(getattr(pl_module, "scores", None)) or not callable(
+            getattr(trainer.datamodule, "eval_batch", None)
+        ):
+            raise ConfigError(
+                f"{KEY} needs a capsnets model (scores()) and DataModule (eval_batch()); got "
+                f"{type(pl_module).__name__} / {type(trainer.datamodule).__name__}. Fix: drop callbacks.learning_curve."
+            )
+        seen = int(getattr(pl_module, "samples_seen", 0))
+        if not self.curve:
+            self._next = 0 if self.at_start else self.every_samples
+        if seen == 0 and self._next == 0:
+            self._point(trainer, pl_module)
+        while self._next <= seen:
+            self._next += self.every_samples
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if pl_module.samples_seen >= self._next:
+            self._point(trainer, pl_module)
+            while self._next <= pl_module.samples_seen:
+                self._next += self.every_samples
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.curve or self.curve[-1]["samples"] != pl_module.samples_seen:
+            self._point(trainer, pl_module)  # the end of training is always a point
+
+    def _point(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        samples = int(pl_module.samples_seen)
+        if trainer.is_global_zero:
+            acc = self.accuracy(trainer, pl_module)
+            self.curve.append({"samples": samples, "acc": acc})
+            for logger in trainer.loggers:
+                logger.log_metrics({f"curve/{self.split}/acc": acc, "curve/samples": samples}, step=trainer.global_step)
+
+    @torch.no_grad()
+    def accuracy(self, trainer: Trainer, pl_module: LightningModule) -> float:
+        """Accuracy of ``pl_module`` on the whole ``split``, scored as ``trainer.test`` scores it."""
+        dm = trainer.datamodule
+        if self.split == "test":
+            if dm.data_test is None or getattr(dm, "eval_split", "test") != "test":
+                dm.setup("test")
+            loader = dm.test_dataloader()
+        else:
+            loader = dm.val_dataloader()
+        was_training = pl_module.training
+        pl_module.eval()
+        correct = total = 0
+        try:
+            for batch in loader:
+                x, y = dm.eval_batch(move_data_to_device(batch, pl_module.device))
+                correct += int((pl_module.scores(x).argmax(dim=-1) == y).sum())
+                total += int(y.numel())
+        finally:
+            pl_module.train(was_training)
+        return correct / max(total, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": list(self.curve), "next": self._next}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curve = [dict(point) for point in state_dict.get("curve", [])]
+        self._next = int(state_dict.get("next", self._next))

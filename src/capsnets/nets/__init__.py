@@ -1,0 +1,10 @@
+"""The networks of the papers as plain ``torch.nn`` modules (no Lightning, no torchvision).
+
+:mod:`capsnets.models` wraps each in a LightningModule with its loss, metrics and optimiser.
+"""
+
+from capsnets.nets.capsnet import CapsNet
+from capsnets.nets.cnn import ARCHITECTURES, PRESETS, BaselineCNN
+from capsnets.nets.em_capsnet import EMCapsNet
+
+__all__ = ["ARCHITECTURES", "PRESETS", "BaselineCNN", "CapsNet", "EMCapsNet"]

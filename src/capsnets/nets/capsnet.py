@@ -1,0 +1,98 @@
+"""CapsNet (Sabour, Frosst & Hinton, NeurIPS 2017): the network, without training logic."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from capsnets.errors import ConfigError
+from capsnets.nn import PrimaryCapsules, ReconstructionDecoder, RoutingCapsules
+from capsnets.nn.routing import build_routing
+from capsnets.utils.validation import require_int, require_positive
+
+
+class CapsNet(nn.Module):
+    """Conv1 (256, 9x9, ReLU) -> PrimaryCaps (32 x 8D, 9x9 stride 2) -> DigitCaps (K x 16D) [+ decoder].
+
+    With MNIST shapes: 6,804,224 parameters without the decoder and 8,215,568 with it
+    (the paper's 6.8M / 8.2M). ``routing``: the config of a vector-capsule routing for DigitCaps
+    (``model.routing``; default: dynamic routing with 3 iterations).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        conv1_channels: int = 256,
+        conv1_kernel: int = 9,
+        primary_types: int = 32,
+        primary_dim: int = 8,
+        primary_kernel: int = 9,
+        primary_stride: int = 2,
+        class_dim: int = 16,
+        routing: Mapping[str, Any] | None = None,
+        reconstruction: bool = True,
+        decoder_hidden: list[int] | tuple[int, ...] = (512, 1024),
+        weight_init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        for key, value in {
+            "in_channels": in_channels,
+            "image_size": image_size,
+            "num_classes": num_classes,
+            "conv1_channels": conv1_channels,
+            "conv1_kernel": conv1_kernel,
+            "primary_types": primary_types,
+            "primary_dim": primary_dim,
+            "primary_kernel": primary_kernel,
+            "primary_stride": primary_stride,
+            "class_dim": class_dim,
+        }.items():
+            require_int(f"model.net.{key}", value, minimum=2 if key == "num_classes" else 1)
+        for i, width in enumerate(decoder_hidden):
+            require_int(f"model.net.decoder_hidden[{i}]", width)
+        require_positive("model.net.weight_init_std", weight_init_std)
+        conv1_out = image_size - conv1_kernel + 1
+        if conv1_out < primary_kernel:
+            raise ConfigError(
+                f"model.net: image_size {image_size} is too small for conv1_kernel {conv1_kernel} followed by "
+                f"primary_kernel {primary_kernel} (Conv1 leaves {conv1_out}x{conv1_out}); "
+                "use smaller kernels or larger images."
+            )
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, conv1_channels, conv1_kernel), nn.ReLU(inplace=True))
+        self.primary = PrimaryCapsules(
+            conv1_channels,
+            num_types=primary_types,
+            capsule_dim=primary_dim,
+            kernel_size=primary_kernel,
+            stride=primary_stride,
+        )
+        grid = self.primary.output_size(conv1_out)
+        self.digit = RoutingCapsules(
+            in_caps=primary_types * grid * grid,
+            in_dim=primary_dim,
+            out_caps=num_classes,
+            out_dim=class_dim,
+            routing=build_routing(routing or {"name": "dynamic"}, kind="vector", out_types=num_classes, role="class"),
+            init_std=weight_init_std,
+        )
+        self.decoder = (
+            ReconstructionDecoder(
+                num_classes=num_classes,
+                capsule_dim=class_dim,
+                out_shape=(in_channels, image_size, image_size),
+                hidden=tuple(decoder_hidden),
+            )
+            if reconstruction
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, K, class_dim) class capsules; class score = length."""
+        u = self.primary(self.conv1(x))  # (B, 1152, 8) for MNIST
+        return self.digit(u)  # (B, K, 16)

@@ -1,0 +1,55 @@
+"""Routing procedures: one protocol (:class:`Routing`), a registry, one file per procedure.
+
+* ``dynamic``: routing-by-agreement, Sabour et al. 2017 (vector capsules);
+* ``em``: EM routing, Hinton et al. 2018 (matrix capsules), ``impl: reference`` (Procedure 1 as
+  written, ``em.py``) or ``impl: fused`` (the same, with fewer passes over the votes, ``em_fused.py``).
+
+Adding a procedure: one file here with a :class:`Routing` subclass decorated by
+``@register_routing(name, kinds=...)``, its import below, and ``conf/model/routing/<name>.yaml``.
+"""
+
+from capsnets.nn.routing import dynamic, em, em_fused  # noqa: F401  (register the procedures)
+from capsnets.nn.routing.base import (
+    KINDS,
+    ROUTINGS,
+    Routing,
+    RoutingResult,
+    RoutingTrace,
+    build_routing,
+    check_routing_config,
+    recording,
+    register_routing,
+    routing_class,
+    routing_layers,
+    routing_names,
+)
+from capsnets.nn.routing.dynamic import DynamicRouting, dynamic_routing
+from capsnets.nn.routing.em import EMRouting, EMRoutingBase, em_routing, inverse_temperatures
+from capsnets.nn.routing.em_fused import FusedEMRouting, fused_em_routing
+from capsnets.nn.routing.layout import NORMALISATIONS, ChildLayout, child_assignment_stats
+
+__all__ = [
+    "KINDS",
+    "NORMALISATIONS",
+    "ROUTINGS",
+    "ChildLayout",
+    "DynamicRouting",
+    "EMRouting",
+    "EMRoutingBase",
+    "FusedEMRouting",
+    "Routing",
+    "RoutingResult",
+    "RoutingTrace",
+    "build_routing",
+    "check_routing_config",
+    "child_assignment_stats",
+    "dynamic_routing",
+    "em_routing",
+    "fused_em_routing",
+    "inverse_temperatures",
+    "recording",
+    "register_routing",
+    "routing_class",
+    "routing_layers",
+    "routing_names",
+]

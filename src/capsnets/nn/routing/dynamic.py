@@ -1,0 +1,87 @@
+"""Routing-by-agreement (Sabour, Frosst & Hinton 2017, "Dynamic routing between capsules", Procedure 1).
+
+Children i predict every parent j, ``u_hat_{j|i} = W_ij u_i``; the couplings ``c_ij`` of each
+child are a softmax of logits ``b_ij`` over the parents, and a parent is the squashed,
+coupling-weighted sum of its predictions. Agreement ``u_hat_{j|i} . v_j`` raises ``b_ij``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from capsnets.errors import ConfigError
+from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing
+from capsnets.nn.routing.layout import ChildLayout
+from capsnets.nn.squash import squash
+
+
+def dynamic_routing(
+    u_hat: torch.Tensor,
+    *,
+    iterations: int,
+    detach_inner: bool = False,
+    layout: ChildLayout | None = None,
+    trace: RoutingTrace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route predictions ``u_hat`` (B, P, K, T_in, T_out, D) from children to parents (Procedure 1).
+
+    Args:
+        u_hat: predictions ``u_hat_{j|i}`` in the routing layout (DigitCaps: (B, 1, N_in, 1, N_out, D)).
+        iterations: r, the number of routing iterations (>= 1).
+        detach_inner: if True, the iterations before the last use ``u_hat.detach()``, so
+            gradients reach ``W`` only through the final iteration (some ports). The official code
+            lets gradients flow through every iteration (False).
+        layout: which child sits in each slot; a child's couplings are normalised over all its
+            parents (default: every slot its own child, softmax over the T_out parents).
+        trace: if given, each iteration's couplings and parent lengths are recorded.
+
+    Returns:
+        ``v`` (B, P, T_out, D), the squashed parents, and the final couplings ``c``
+        (B, P, K, T_in, T_out); each child's couplings sum to 1 over its parents.
+    """
+    layout = layout if layout is not None else ChildLayout()
+    # Line 2: b_ij <- 0, reset for every example.
+    b_ij = u_hat.new_zeros(u_hat.shape[:-1])  # (B, P, K, T_in, T_out)
+    u_hat_inner = u_hat.detach() if detach_inner else u_hat
+    for r in range(iterations):
+        last = r == iterations - 1
+        u = u_hat if last else u_hat_inner
+        # Line 4: c_i <- softmax(b_i) over the parents j of child i, never over the children.
+        c_ij = layout.softmax(b_ij)  # (B, P, K, T_in, T_out)
+        # Line 5: s_j <- sum_i c_ij u_hat_{j|i}.
+        s_j = torch.einsum("bpkio,bpkiod->bpod", c_ij, u)  # (B, P, T_out, D)
+        # Line 6: v_j <- squash(s_j).
+        v_j = squash(s_j, dim=-1)
+        if trace is not None:
+            trace.record(c_ij, v_j.norm(dim=-1))
+        if not last:
+            # Line 7: b_ij <- b_ij + u_hat_{j|i} . v_j (skipped after the last iteration).
+            b_ij = b_ij + torch.einsum("bpkiod,bpod->bpkio", u, v_j)
+    return v_j, c_ij
+
+
+@register_routing("dynamic", kinds=("vector",))
+class DynamicRouting(Routing):
+    """Dynamic routing for vector capsules: ``poses`` are the squashed parents ``v_j``, activations their lengths.
+
+    Args:
+        iterations: r (paper: 3; ablation: 1).
+        detach_inner: gradients through the last iteration only (see :func:`dynamic_routing`).
+    """
+
+    def __init__(self, *, iterations: int = 3, detach_inner: bool = False, **base) -> None:
+        super().__init__(iterations=iterations, **base)
+        if not isinstance(detach_inner, bool):
+            raise ConfigError(f"{self.key}.detach_inner must be true or false, got {detach_inner!r}.")
+        self.detach_inner = detach_inner
+
+    def route(
+        self, votes: torch.Tensor, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
+    ) -> RoutingResult:
+        v, c = dynamic_routing(
+            votes, iterations=self.iterations, detach_inner=self.detach_inner, layout=layout, trace=trace
+        )
+        return RoutingResult(v, v.norm(dim=-1), c)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, detach_inner={self.detach_inner}"

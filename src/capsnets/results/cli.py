@@ -1,0 +1,123 @@
+"""``capsnets-summarize``: mean +/- std of the test metrics per configuration of a Hydra multirun (sweep) folder.
+
+Reads the ``metrics.json`` that ``train.py`` writes into every finished job folder of a sweep
+(no W&B needed), groups the jobs into configurations (their overrides without ``seed=...``, so
+the seeds of one configuration are aggregated), and writes into the sweep folder
+
+  * ``summary.md``  a markdown table: configuration, n (finished seeds), mean +/- std (sample std,
+    ddof=1) of every ``test/*`` metric (accuracies as percentages), the paper's number the preset
+    names and the difference mean - paper; jobs without ``metrics.json`` are counted per row;
+  * ``summary.csv`` the same numbers as raw floats at full precision (separate mean/std columns);
+  * ``summary.png`` the main metric per configuration as bars with std error bars and the paper
+    target as a marker; a line plot instead when the configurations differ in exactly one
+    numeric override (e.g. ``model.routing.iterations=1,2,3,5``).
+
+The markdown table is also printed to stdout; warnings (unfinished jobs, disagreeing paper
+targets) go to stderr. Problems with the input (no such folder, not a multirun folder, no
+finished job) end the script with exit code 2 and one line naming the problem and the fix.
+
+Usage::
+
+    capsnets-summarize outputs/sabour2017_table1/multiruns/2025-01-31_12-00-00
+    capsnets-summarize SWEEP_DIR --metric val/acc          # plot val/acc, add it to the table
+    capsnets-summarize SWEEP_DIR --ignore trainer --out results/
+    capsnets-summarize SWEEP_DIR --group-by model.routing.iterations
+
+The pieces are importable from :mod:`capsnets.results` (``summarize``, ``render_markdown``, ``write_csv``,
+``plot``) for notebooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from capsnets.results.curves import write_curves
+from capsnets.results.report import plot, render_markdown, render_table, write_csv
+from capsnets.results.summary import DEFAULT_METRIC, SummaryError, summarize
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capsnets-summarize",
+        description=(
+            "Summarise a Hydra multirun folder (no W&B needed): reads metrics.json of every job folder "
+            "(SWEEP_DIR/0/, 1/, ...), groups the jobs by their overrides without seed=... (seeds are "
+            "aggregated), and writes summary.md (markdown table: n finished seeds, mean ± sample std "
+            "(ddof=1) of every test/* metric, accuracies in %, the paper's target the preset names and "
+            "Δ = mean - target), summary.csv (same numbers as raw floats: <metric>_mean, <metric>_std, n, "
+            "missing, paper_metric, paper_target, paper_diff, paper_source) and summary.png (bars of the "
+            "main metric with std error bars and the paper target as a marker; a line over the value "
+            "when the configurations differ in exactly one numeric override). The table is also "
+            "printed; jobs without metrics.json (crashed or still running) are counted per row and "
+            "named in a warning."
+        ),
+        epilog=(
+            "Exit codes: 0 done; 2 SWEEP_DIR missing, not a multirun folder, no finished job, or an "
+            "unknown --metric.  Examples:  capsnets-summarize outputs/sabour2017_table1/multiruns/<date>_<time>;  "
+            "capsnets-summarize SWEEP_DIR --metric val/acc --ignore trainer --out results/"
+        ),
+    )
+    parser.add_argument(
+        "sweep_dir",
+        metavar="SWEEP_DIR",
+        type=Path,
+        help="Hydra multirun folder: outputs/<task_name>/multiruns/<date>_<time>",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", type=Path, default=None, help="folder for summary.md/.csv/.png (default: SWEEP_DIR)"
+    )
+    parser.add_argument(
+        "--metric",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="extra metric column, e.g. val/acc (repeatable); the first one is the main metric "
+        f"that is plotted (default: {DEFAULT_METRIC}); every test/* metric is always shown",
+    )
+    parser.add_argument(
+        "--ignore",
+        metavar="KEY",
+        action="append",
+        default=[],
+        help="override key to leave out of the configuration, so jobs that differ only in it "
+        "are aggregated like seeds (repeatable; 'trainer' also covers trainer.devices)",
+    )
+    parser.add_argument(
+        "--group-by",
+        metavar="KEY",
+        action="append",
+        default=[],
+        help="group by only these override keys (repeatable; same prefix matching); all other "
+        "overrides, seed included, are aggregated",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = summarize(args.sweep_dir, metrics=args.metric, ignore=args.ignore, group_by=args.group_by)
+    except SummaryError as err:
+        print(f"capsnets-summarize: error: {err}", file=sys.stderr)
+        return 2
+    out = args.out if args.out is not None else args.sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plotted = plot(summary, out / "summary.png")
+    (out / "summary.md").write_text(render_markdown(summary, "summary.png" if plotted else None))
+    write_csv(summary, out / "summary.csv")
+    curve_files = write_curves(summary, out)
+
+    print(render_table(summary))
+    written = ["summary.md", "summary.csv"] + (["summary.png"] if plotted else []) + curve_files
+    print(f"Wrote {', '.join(written)} to {out}", flush=True)
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""LearningCurve: points every N samples (and at the start and the end), scored exactly as trainer.test scores."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from capsnets.callbacks import LearningCurve
+from capsnets.errors import ConfigError
+from capsnets.utils.resolvers import CONFIG_DIR
+from helpers import SMALL_DR_CAPS
+
+
+def build(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=dr_caps", *SMALL_DR_CAPS, "data=synthetic", "data.num_train=96",
+                                                      "data.num_val=32", "data.num_test=48", *overrides])
+    L.seed_everything(3)
+    return instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
+
+
+def fit(tmp_path, dm, model, curve: LearningCurve, epochs: int = 2) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path, callbacks=[curve])
+    trainer.fit(model, datamodule=dm)
+    return trainer
+
+
+def test_points_at_start_every_n_samples_and_at_the_end_scored_like_trainer_test(tmp_path):
+    dm, model = build()
+    curve = LearningCurve(every_samples=64)
+    trainer = fit(tmp_path, dm, model, curve)  # 2 epochs of 3 batches of 32: 192 samples
+    assert [p["samples"] for p in curve.curve] == [0, 64, 128, 192]
+    assert all(0.0 <= p["acc"] <= 1.0 for p in curve.curve)
+    tested = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    assert curve.curve[-1]["acc"] == pytest.approx(tested)  # the same weights, the same scoring
+
+
+def test_state_round_trip_continues_the_curve():
+    curve = LearningCurve(every_samples=100)
+    curve.curve, curve._next = [{"samples": 0, "acc": 0.1}, {"samples": 100, "acc": 0.5}], 200
+    restored = LearningCurve(every_samples=100)
+    restored.load_state_dict(curve.state_dict())
+    assert restored.curve == curve.curve and restored._next == 200
+
+
+@pytest.mark.parametrize("kwargs, key", [({"every_samples": 0}, "every_samples"), ({"split": "train"}, "split")])
+def test_bad_values_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=f"callbacks.learning_curve.{key}"):
+        LearningCurve(**kwargs)
+
+
+def test_callbacks_learning_curve_option_composes_the_defaults_and_the_curve():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["callbacks=learning_curve"])
+    assert {"model_checkpoint", "routing_pictures", "learning_curve"} <= set(cfg.callbacks)
+    assert isinstance(instantiate(cfg.callbacks.learning_curve), LearningCurve)
