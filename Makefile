@@ -7,12 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.capsnets-installed
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-fast fashion-mnist clean help
+.PHONY: install train test test-fast lint format fashion-mnist clean help
 
 help:
 	@echo "make train      train dr_caps on the shipped MNIST sample (offline)"
 	@echo "make test       run the whole test suite (includes slow and realdata tests)"
 	@echo "make test-fast  skip the slow end-to-end tests"
+	@echo "make lint       ruff: formatting and lint rules (pyproject.toml), as CI runs them"
+	@echo "make format     ruff: format the code and apply the safe lint fixes"
 	@echo "make install    create $(VENV) and install capsnets with its dev extras"
 
 $(STAMP): pyproject.toml
@@ -32,6 +34,16 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+LINTED := src tests scripts train.py eval.py
+
+lint: install
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/ruff check $(LINTED)
+
+format: install
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
 
 # Debian's full Fashion-MNIST (used by the realdata tests and offline data=fashion_mnist runs)
 fashion-mnist:
