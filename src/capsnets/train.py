@@ -67,7 +67,9 @@ def _fit_and_test(
         logger.log_hyperparams(resolved_config(cfg))
 
     metrics: dict[str, float] = {}
-    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    # the checkpoint that is tested: the monitored one (conf/callbacks/model_checkpoint.yaml also keeps last.ckpt)
+    checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    checkpoint = next((c for c in checkpoints if c.monitor), checkpoints[0] if checkpoints else None)
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(scalar_metrics(trainer.callback_metrics))
@@ -104,12 +106,12 @@ def _print_summary(cfg: DictConfig, trainer: Any, metrics: dict[str, float]) -> 
         else:
             lines.append(f"{type(logger).__name__}: {logger.log_dir}")
     for cb in trainer.checkpoint_callbacks:
-        if getattr(cb, "best_model_path", ""):
+        if getattr(cb, "best_model_path", "") and getattr(cb, "monitor", None):
             # (ddp_spawn hands back the path but not the score to the launching process)
             score = f"={float(cb.best_model_score):.4f}" if cb.best_model_score is not None else ""
             lines.append(f"Best checkpoint ({cb.monitor}{score}): {cb.best_model_path}")
-        if getattr(cb, "last_model_path", ""):
-            lines.append(f"Last checkpoint: {cb.last_model_path}")
+        elif not getattr(cb, "monitor", None) and cb.dirpath and (Path(cb.dirpath) / f"{cb.filename}.ckpt").is_file():
+            lines.append(f"Last checkpoint: {Path(cb.dirpath) / f'{cb.filename}.ckpt'}")
     shown = {k: v for k, v in metrics.items() if k.endswith("/acc") or k.endswith("/loss")}
     lines.append("Metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
     print("\n".join(lines), flush=True)
