@@ -156,6 +156,46 @@ def write_fake_smallnorb(data_dir: Path, *, gz: bool = True, seed: int = 0) -> d
     return parts
 
 
+def shapes_part(part: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Learnable smallNORB-format images: 5 classes of simple shapes (square, disk, cross, horizontal bar,
+    ring) of random size and position on noise, the same shape in both cameras, shifted 2 px between them.
+
+    Returns images (n, 2, 96, 96) uint8, labels (n,) int32, info (n, 4) int32 with distinct viewpoints.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 5
+    yy, xx = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    images = torch.empty(n, 2, 96, 96, dtype=torch.uint8)
+    for k in range(n):
+        size = 14 + 14 * torch.rand((), generator=g)  # half-size in px
+        cy, cx = (30 + 36 * torch.rand(2, generator=g)).tolist()
+        dy, dx = (yy - cy).abs(), (xx - cx).abs()
+        r = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
+        mask = {
+            0: (dy < size) & (dx < size),
+            1: r < size,
+            2: ((dy < size / 4) & (dx < size)) | ((dx < size / 4) & (dy < size)),
+            3: (dy < size / 3) & (dx < size * 1.2),
+            4: (r < size) & (r > size * 0.6),
+        }[int(labels[k])]
+        noise = torch.rand(96, 96, generator=g) * 60
+        left = noise + 170 * mask
+        images[k, 0] = left.clamp(0, 255).to(torch.uint8)
+        images[k, 1] = torch.roll(left, shifts=2, dims=1).clamp(0, 255).to(torch.uint8)
+    i = torch.arange(n)
+    instance = torch.tensor(INSTANCES[part])[(i // 5) % 5]
+    info = torch.stack([instance, (i // 25) % 9, 2 * ((i // 225) % 18), (i // 4050) % 6], dim=1).int()
+    return images, labels.int(), info
+
+
+def write_shapes_smallnorb(data_dir: Path, *, n_train: int = 300, n_test: int = 100, seed: int = 0) -> None:
+    """smallNORB files (real binary-matrix format, gzipped) of :func:`shapes_part` images."""
+    folder = data_dir / "smallnorb"
+    for part, n, s in (("training", n_train, seed), ("testing", n_test, seed + 1)):
+        for kind, tensor in zip(("dat", "cat", "info"), shapes_part(part, n, s)):
+            write_norb(folder / f"{PREFIX[part]}-{kind}.mat.gz", tensor)
+
+
 class Probe(L.LightningModule):
     """Linear classifier that records what each stage receives, ``seen[stage] = (shape[1:], dtype, min, max)``;
     multi-crop batches (B, n, C, S, S) are scored per crop and averaged over dim 1."""

@@ -63,6 +63,7 @@ def em_synthetic(tmp_path: Path, name: str, *extra: str) -> list[str]:
         "data.num_train=256",
         "data.num_val=32",
         "data.num_test=32",
+        "model.loss.margin_schedule.schedule=linear",  # the paper's ramp: visibly moves in 512 samples
         "model.loss.margin_schedule.ramp_samples=512",
         "trainer.log_every_n_steps=1",
         "test=false",

@@ -61,7 +61,11 @@ ROUTING_OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "model" / "routing").glob
 
 
 def test_every_registered_routing_has_a_config_and_every_config_a_routing():
-    names = {OmegaConf.load(CONFIG_DIR / "model" / "routing" / f"{option}.yaml").name for option in ROUTING_OPTIONS}
+    model = {"dynamic": "dr_caps"}  # compose each option on a model of its kind (options may build on others)
+    names = set()
+    for option in ROUTING_OPTIONS:
+        cfg = compose_train([f"model={model.get(option, 'em_caps')}", f"model/routing={option}"])
+        names.add(cfg.model.routing.name)
     assert names == set(routing_names()) and {"dynamic", "em"} <= names
 
 
@@ -98,6 +102,7 @@ def test_all_paper_presets_exist():
         "hinton2018_table1",
         "hinton2018_novel_azimuth",
         "hinton2018_novel_elevation",
+        "em_learning",
     }
     assert len(HINTON_ROWS) == 8
 
@@ -117,6 +122,27 @@ def test_experiment_composes_and_instantiates(experiment):
     split = {"hinton2018_novel_azimuth": "azimuth", "hinton2018_novel_elevation": "elevation"}.get(experiment)
     if split:
         assert cfg.data.split == split
+
+
+EM_LEARNING_ROWS = sorted(p.stem for p in (CONFIG_DIR / "em_learning_row").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("row", EM_LEARNING_ROWS)
+def test_em_learning_rows_compose_with_the_preset_and_record_curves(row):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=["experiment=em_learning", f"+em_learning_row={row}"],
+            return_hydra_config=True,
+        )
+    assert row in str(cfg.hydra.sweeper.params["+em_learning_row"]).split(",")  # every row file is swept
+    assert cfg.data.batch_size == 32 and cfg.callbacks.learning_curve._target_.endswith("LearningCurve")
+    check_model_config(cfg.model)
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    expected = {"em_caps_small_paper": "covering", "em_caps_small_release": "type"}.get(row)
+    if expected:
+        assert {r.normalisation for r in routing_layers(module.net).values()} == {expected}
+    assert type(module).__name__ == {"dr_caps": "DRCapsModule", "cnn_hinton2018": "CNNModule"}.get(row, "EMCapsModule")
 
 
 def test_sabour_table1_sweeps_the_papers_grid():

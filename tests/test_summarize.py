@@ -245,8 +245,10 @@ def test_help_documents_options() -> None:
 def test_learning_curves_mean_and_std_per_sample_count(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     curves = {  # (model, seed) -> accuracy at 0, 1000, 2000 samples
-        ("model=em_caps_small", 1): [0.10, 0.50, 0.80], ("model=em_caps_small", 2): [0.12, 0.60, 0.84],
-        ("model=dr_caps", 1): [0.09, 0.90, 0.95], ("model=dr_caps", 2): [0.11, 0.92, 0.97],
+        ("model=em_caps_small", 1): [0.10, 0.50, 0.80],
+        ("model=em_caps_small", 2): [0.12, 0.60, 0.84],
+        ("model=dr_caps", 1): [0.09, 0.90, 0.95],
+        ("model=dr_caps", 2): [0.11, 0.92, 0.97],
     }
     for num, ((model, seed), accs) in enumerate(curves.items()):
         points = [{"samples": n, "acc": a} for n, a in zip((0, 1000, 2000), accs)]

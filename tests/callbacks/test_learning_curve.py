@@ -10,21 +10,40 @@ from hydra.utils import instantiate
 from capsnets.callbacks import LearningCurve
 from capsnets.errors import ConfigError
 from capsnets.utils.resolvers import CONFIG_DIR
+
 from helpers import SMALL_DR_CAPS
 
 
 def build(*overrides: str):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["model=dr_caps", *SMALL_DR_CAPS, "data=synthetic", "data.num_train=96",
-                                                      "data.num_val=32", "data.num_test=48", *overrides])
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "model=dr_caps",
+                *SMALL_DR_CAPS,
+                "data=synthetic",
+                "data.num_train=96",
+                "data.num_val=32",
+                "data.num_test=48",
+                *overrides,
+            ],
+        )
     L.seed_everything(3)
     return instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
 
 
 def fit(tmp_path, dm, model, curve: LearningCurve, epochs: int = 2) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        default_root_dir=tmp_path, callbacks=[curve])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=[curve],
+    )
     trainer.fit(model, datamodule=dm)
     return trainer
 

@@ -144,3 +144,17 @@ def test_routing_config_reaches_every_routing_layer():
         EMCapsNet(**NORB, **TINY, routing={"name": "em", "moment_dtype": "float16"})
     with pytest.raises(ConfigError, match="does not support matrix capsules"):
         EMCapsNet(**NORB, **TINY, routing={"name": "dynamic"})
+
+
+def test_init_std_and_coordinate_scale_reach_their_layers():
+    torch.manual_seed(0)
+    net = EMCapsNet(**NORB, A=8, B=8, C=16, D=16, caps_init_std=0.3, class_init_std=0.01, coordinate_scale=0.16)
+    assert abs(net.caps1.weight.std().item() - 0.3) < 0.02 and abs(net.caps2.weight.std().item() - 0.3) < 0.02
+    assert abs(net.classes.weight.std().item() - 0.01) < 0.002
+    default = EMCapsNet(**NORB, A=8, B=8, C=16, D=16)
+    assert abs(default.caps1.weight.std().item() - 0.5) < 0.03 and default.classes.coordinate_scale == 1.0
+    pose = torch.zeros(1, 2, 2, 16, 16)
+    votes = net.classes.votes(pose)  # zero poses: the votes are the scaled coordinates alone
+    assert torch.allclose(votes[0, 3, 0, 0, [3, 7]], torch.tensor([0.75, 0.75]) * 0.16)
+    with pytest.raises(ConfigError, match="model.net.class_init_std"):
+        EMCapsNet(**NORB, **TINY, class_init_std=0.0)

@@ -2,9 +2,14 @@
 
 import lightning as L
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from capsnets.data import SyntheticDataModule
 from capsnets.models import DRCapsModule, EMCapsModule
+from capsnets.utils.resolvers import CONFIG_DIR
+
+from helpers import write_shapes_smallnorb
 
 STEPS_EM = 64
 
@@ -72,3 +77,40 @@ def test_em_caps_learns_synthetic_above_chance(tmp_path):
     acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     assert acc > 0.5, f"test accuracy {acc:.3f} after {STEPS_EM} steps (chance 0.2)"
     assert model.spread_margin == pytest.approx(0.2 + 0.7 * min((STEPS_EM - 1) * 32 / 1024, 1.0))
+
+
+@pytest.mark.slow
+def test_em_caps_small_defaults_learn_shapes_in_smallnorb_files(tmp_path):
+    """em_caps_small with its default settings, 3 epochs of 300 smallNORB-format images of 5 shapes (batch 32):
+    the paper's Procedure 1 with the release's lambda schedule stays at chance here (20%); the defaults
+    reached 78% (seed 1). Moments in float32 for speed (the same procedure)."""
+    write_shapes_smallnorb(tmp_path / "data")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "model=em_caps_small",
+                "data=smallnorb",
+                f"data.data_dir={tmp_path / 'data'}",
+                "data.download=false",
+                "data.val_size=0",
+                "data.batch_size=32",
+                "data.num_workers=0",
+                "model.routing.moment_dtype=float32",
+            ],
+        )
+    L.seed_everything(1)
+    dm, model = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+    assert acc >= 0.6, f"test accuracy {acc:.3f} after 3 epochs (chance 0.2)"

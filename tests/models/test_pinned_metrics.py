@@ -29,6 +29,9 @@ EM_PAPER = [
     "model.routing.lambda_value=0.01",
     "model.routing.var_floor=0.0005",
     "model.routing.moment_dtype=float64",
+    "model.routing.iterations=3",
+    "model.routing.class_lambda_scale=0.25",
+    "model.loss.margin_schedule.schedule=linear",
 ]
 PINNED = {  # (train loss of steps 1-3, val loss after step 3), measured at commit a124171
     "dr_caps": ([0.8852311968803406, 0.8847833871841431, 0.8803818225860596], 0.8684858679771423),

@@ -13,6 +13,7 @@ import torch
 from capsnets.errors import ConfigError
 from capsnets.nn.conv_caps import conv_child_index
 from capsnets.nn.routing import ChildLayout, inverse_temperatures
+from capsnets.nn.routing.em import EMVariant
 from capsnets.nn.routing.em import em_routing as reference_em_routing
 from capsnets.nn.routing.em_fused import fused_em_routing
 
@@ -32,12 +33,16 @@ def slow_em(
     eps: float = 1e-8,
     group=None,
     start=None,
+    release: dict | None = None,
 ) -> tuple[dict, dict, dict]:
     """Procedure 1 with Python loops over parents and children and densities as plain products.
 
     ``group(edge)`` names the set of edges a child's assignments are normalised over (default: the
     child, i.e. every parent it votes for); ``start(edge)`` the initial R (default: uniform in the group).
+    ``release``: the authors' release's M-step, ``{log_variance, beta_u_scale, beta_a_scale, mean_smoothing}``.
     """
+    rel = {"log_variance": False, "beta_u_scale": 1.0, "beta_a_scale": 1.0, "mean_smoothing": 0.0, **(release or {})}
+    previous: dict = {}
     group = group or (lambda e: edges[e][0])
     parents = sorted({p for _, p, _ in edges})
     groups = sorted({group(e) for e in range(len(edges))}, key=repr)
@@ -50,9 +55,15 @@ def slow_em(
             r = {e: R[e] * a_child[edges[e][0]] for e in into[p]}
             total = sum(r.values())
             mu[p] = sum(r[e] * edges[e][2] for e in into[p]) / (total + eps)
+            s = rel["mean_smoothing"]  # release: 0.9 new + 0.1 previous (0 before the first iteration)
+            mu[p] = (1 - s) * mu[p] + s * previous.get(p, torch.zeros_like(mu[p]))
             var[p] = sum(r[e] * (edges[e][2] - mu[p]) ** 2 for e in into[p]) / (total + eps) + var_floor
-            cost = sum((beta_u[p[1]] + torch.log(torch.sqrt(var[p][h]))) * total for h in range(16))
-            a[p] = torch.sigmoid(lam * (beta_a[p[1]] - cost))
+            log_spread = [
+                torch.log(var[p][h]) if rel["log_variance"] else torch.log(torch.sqrt(var[p][h])) for h in range(16)
+            ]
+            cost = sum((rel["beta_u_scale"] * beta_u[p[1]] + log_spread[h]) * total for h in range(16))
+            a[p] = torch.sigmoid(lam * (rel["beta_a_scale"] * beta_a[p[1]] - cost))
+        previous = dict(mu)
         if t == len(lambdas) - 1:
             break
         for c in groups:  # E-step
@@ -88,7 +99,10 @@ CONV_CASES = [  # (size, stride, schedule, iterations, normalisation)
     (5, 2, "fixed", 3, "type"),
     (4, 1, "fixed", 3, "type"),
     (5, 2, "fixed", 3, "patch"),
+    (5, 2, "official", 3, "release"),  # the authors' release: per-type normalisation and its M-step
+    (4, 1, "fixed", 2, "covering+release_m_step"),  # the release's M-step with the paper's normalisation
 ]
+RELEASE_M_STEP = {"log_variance": True, "beta_u_scale": 2.5, "beta_a_scale": 30.0, "mean_smoothing": 0.1}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -96,6 +110,8 @@ CONV_CASES = [  # (size, stride, schedule, iterations, normalisation)
 def test_conv_layer_equals_slow_loop(impl, size, stride, schedule, iterations, normalisation):
     torch.manual_seed(size * 10 + stride + iterations)
     t_in, t_out, k = 2, 2, 3
+    release = RELEASE_M_STEP if normalisation in ("release", "covering+release_m_step") else None
+    normalisation = {"release": "type", "covering+release_m_step": "covering"}.get(normalisation, normalisation)
     layer = conv_layer(
         t_in,
         t_out,
@@ -106,6 +122,7 @@ def test_conv_layer_equals_slow_loop(impl, size, stride, schedule, iterations, n
         lambda_schedule=schedule,
         lambda_value=0.05,
         normalisation=normalisation,
+        **(release or {}),
     ).double()
     randomise_betas(layer)
     pose = torch.randn(1, size, size, t_in, 16, dtype=torch.float64)
@@ -138,6 +155,7 @@ def test_conv_layer_equals_slow_loop(impl, size, stride, schedule, iterations, n
         layer.routing.var_floor,
         group=group,
         start=start,
+        release=release,
     )
     for (oy, ox), j in mu_ref:
         assert torch.allclose(mu[0, oy, ox, j], mu_ref[(oy, ox), j], atol=1e-10)
@@ -467,3 +485,76 @@ def test_parents_without_data_get_zero_pose_and_the_bias_activation(route):
 def test_moment_dtype_and_normalisation_reach_the_routing():
     layer = conv_layer(2, 2, 3, 1, moment_dtype="float64", normalisation="type")
     assert layer.routing.moment_dtype == "float64" and layer.routing.normalisation == "type"
+
+
+# --- the release's M-step switches: each changes what it claims, nothing else ------------------
+
+
+def routed(impl: str, role: str = "hidden", conv: bool = True, **settings):
+    """(poses, activations, assignments) of one EM routing on fixed float64 inputs, with ``settings``."""
+    inputs = as_double(routing_inputs("randn", conv=conv, seed=11))
+    layer = em(4, impl=impl, role=role, lambda_schedule="fixed", lambda_value=0.05, **settings).double()
+    with torch.no_grad():
+        layer.beta_u.copy_(inputs["beta_u"])
+        layer.beta_a.copy_(inputs["beta_a"])
+    return layer(inputs["V"], inputs["a_in"], inputs["layout"]), inputs
+
+
+def same(a, b, atol=1e-10) -> bool:
+    return all(torch.allclose(x, y, atol=atol, rtol=1e-9) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_beta_scales_are_a_reparameterisation_of_the_biases(impl):
+    (scaled, inputs) = routed(impl, beta_a_scale=40.0, beta_u_scale=3.0)
+    layer = em(4, impl=impl, lambda_schedule="fixed", lambda_value=0.05).double()
+    with torch.no_grad():
+        layer.beta_u.copy_(3.0 * inputs["beta_u"])
+        layer.beta_a.copy_(40.0 * inputs["beta_a"])
+    assert same(scaled, layer(inputs["V"], inputs["a_in"], inputs["layout"]))
+    assert not same(scaled, routed(impl)[0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_log_variance_doubles_the_log_term_of_the_cost(impl):
+    # cost with log sigma^2 = 2 (beta_u / 2 + log sigma) m: the paper's form at lambda' = 2 lambda, betas halved
+    (release, inputs) = routed(impl, log_variance=True)
+    layer = em(4, impl=impl, lambda_schedule="fixed", lambda_value=0.1).double()
+    with torch.no_grad():
+        layer.beta_u.copy_(inputs["beta_u"] / 2)
+        layer.beta_a.copy_(inputs["beta_a"] / 2)
+    assert same(release, layer(inputs["V"], inputs["a_in"], inputs["layout"]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mean_smoothing_shrinks_the_first_mean_towards_zero_and_changes_only_the_poses_with_one_iteration(impl):
+    (smooth, _), (paper, _) = (
+        routed(impl, mean_smoothing=0.1, iterations=1, conv=False),
+        routed(impl, iterations=1, conv=False),
+    )
+    assert torch.allclose(smooth.poses, 0.9 * paper.poses, atol=1e-12)  # mu_1 = 0.9 mean + 0.1 * 0
+    assert torch.equal(smooth.assignments, paper.assignments)  # the start: uniform either way
+    assert not torch.allclose(smooth.activations, paper.activations)  # the variance is around the smoothed mean
+
+
+@pytest.mark.parametrize("role, expected", [("hidden", (0.5, -0.5)), ("class", (2.0, -1.0))])
+def test_beta_inits_per_layer_role(role, expected):
+    layer = em(3, role=role, beta_u_init=0.5, beta_a_init=-0.5, class_beta_u_init=2.0, class_beta_a_init=-1.0)
+    assert torch.equal(layer.beta_u, torch.full((3,), expected[0])) and torch.equal(
+        layer.beta_a, torch.full((3,), expected[1])
+    )
+    assert torch.equal(em(3, role="class", beta_u_init=0.7).beta_u, torch.full((3,), 0.7))  # class_* null: the same
+
+
+@pytest.mark.parametrize("normalisation", ["covering", "type"])
+def test_fused_equals_reference_with_the_release_m_step(normalisation):
+    inputs = as_double(routing_inputs("randn", conv=True, seed=2))
+    V, a_in = inputs.pop("V").requires_grad_(True), inputs.pop("a_in").requires_grad_(True)
+    variant = EMVariant(**RELEASE_M_STEP)
+    outs, grads = [], []
+    for route, extra in ((reference_em_routing, {}), (fused_em_routing, {"moment_dtype": torch.float64})):
+        out = route(V, a_in, normalisation=normalisation, variant=variant, **inputs, **extra)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.poses.sin().sum() + out.activations.sum(), (V, a_in)))
+    assert same(*outs)
+    assert all(torch.allclose(x, y, atol=1e-9, rtol=1e-7) for x, y in zip(*grads))

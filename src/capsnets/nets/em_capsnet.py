@@ -11,7 +11,7 @@ from torch import nn
 from capsnets.errors import ConfigError
 from capsnets.nn import ClassCapsules, ConvCapsules, PrimaryMatrixCapsules
 from capsnets.nn.routing import build_routing
-from capsnets.utils.validation import require_choice, require_int
+from capsnets.utils.validation import require_choice, require_int, require_positive
 
 
 class EMCapsNet(nn.Module):
@@ -43,6 +43,9 @@ class EMCapsNet(nn.Module):
         caps2_stride: int = 1,
         pose: str = "matrix",
         coordinate_addition: bool = True,
+        coordinate_scale: float = 1.0,
+        caps_init_std: float | None = None,
+        class_init_std: float | None = None,
         routing: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -64,6 +67,9 @@ class EMCapsNet(nn.Module):
             require_int(f"model.net.{key}", value)
         require_int("model.net.num_classes", num_classes, minimum=2)
         require_choice("model.net.pose", pose, ("matrix", "vector"))
+        for key, value in {"caps_init_std": caps_init_std, "class_init_std": class_init_std}.items():
+            if value is not None:
+                require_positive(f"model.net.{key}", value)
         grid = (image_size - conv1_kernel) // conv1_stride + 1
         grid1 = (grid - caps1_kernel) // caps1_stride + 1 if grid >= caps1_kernel else 0
         grid2 = (grid1 - caps2_kernel) // caps2_stride + 1 if grid1 >= caps2_kernel else 0
@@ -81,17 +87,31 @@ class EMCapsNet(nn.Module):
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, A, conv1_kernel, stride=conv1_stride), nn.ReLU(inplace=True))
         self.primary = PrimaryMatrixCapsules(A, num_types=B)
         self.caps1 = ConvCapsules(
-            in_types=B, out_types=C, kernel_size=caps1_kernel, stride=caps1_stride, routing=route(C), pose=pose
+            in_types=B,
+            out_types=C,
+            kernel_size=caps1_kernel,
+            stride=caps1_stride,
+            routing=route(C),
+            pose=pose,
+            init_std=caps_init_std,
         )
         self.caps2 = ConvCapsules(
-            in_types=C, out_types=D, kernel_size=caps2_kernel, stride=caps2_stride, routing=route(D), pose=pose
+            in_types=C,
+            out_types=D,
+            kernel_size=caps2_kernel,
+            stride=caps2_stride,
+            routing=route(D),
+            pose=pose,
+            init_std=caps_init_std,
         )
         self.classes = ClassCapsules(
             in_types=D,
             num_classes=num_classes,
             routing=route(num_classes, "class"),
             coordinate_addition=coordinate_addition,
+            coordinate_scale=coordinate_scale,
             pose=pose,
+            init_std=class_init_std,
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

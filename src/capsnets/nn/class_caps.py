@@ -22,7 +22,7 @@ from capsnets.nn.matrix_caps import (
     validate_pose_and_init,
 )
 from capsnets.nn.routing import Routing
-from capsnets.utils.validation import require_int
+from capsnets.utils.validation import require_int, require_positive
 
 # vote elements that receive (row, col): the first two entries of the right-hand column of the
 # 4x4 matrix, i.e. [0, 3] and [1, 3] -> flattened row-major 3 and 7; a vector pose has no
@@ -59,6 +59,9 @@ class ClassCapsules(nn.Module):
         num_classes: K, one class capsule per class.
         routing: a matrix-capsule routing built for ``num_classes`` types with ``role="class"``.
         coordinate_addition: add each child's scaled position to its votes (Sec. 3.1).
+        coordinate_scale: multiplies the added coordinates, ``(y + 0.5) / H`` and ``(x + 0.5) / W`` in (0, 1)
+            (the paper: "scaled" coordinates, the scale unstated; the authors' release adds pixel
+            coordinates / 100, about +-0.16 on 32 px).
         pose: "matrix" or "vector" (ablation; coordinates go to vote elements 0 and 1).
         init_std: std of the initial ``W``; None = 1/sqrt(rows of W).
 
@@ -72,6 +75,7 @@ class ClassCapsules(nn.Module):
         num_classes: int,
         routing: Routing,
         coordinate_addition: bool = True,
+        coordinate_scale: float = 1.0,
         pose: str = "matrix",
         init_std: float | None = None,
     ) -> None:
@@ -81,6 +85,7 @@ class ClassCapsules(nn.Module):
         validate_pose_and_init("ClassCapsules", pose=pose, init_std=init_std)
         self.pose = pose
         self.coordinate_addition = bool(coordinate_addition)
+        self.coordinate_scale = require_positive("model.net.coordinate_scale", coordinate_scale)
         self.weight = nn.Parameter(
             init_transforms(in_types, num_classes, pose=pose, init_std=init_std)
         )  # W_ij per (in type, class)
@@ -96,7 +101,7 @@ class ClassCapsules(nn.Module):
         V = capsule_votes(M, W, pose_kind=self.pose).squeeze(2)  # (B, H*W, T_in, K, 16)
         if self.coordinate_addition:
             offsets = coordinate_offsets(h, w, pose=self.pose, device=V.device, dtype=V.dtype)  # (H*W, 16)
-            V = V + offsets[None, :, None, None, :]
+            V = V + self.coordinate_scale * offsets[None, :, None, None, :]
         return V
 
     def forward(self, pose: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

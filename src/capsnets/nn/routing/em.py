@@ -28,19 +28,34 @@ the log domain and every variance gets ``var_floor`` (0.0005 in the authors' cod
 single-child parents finite. ``em_fused.py`` computes the same with fewer passes over the votes.
 
 The settings of both implementations live in :class:`EMRoutingBase`; see ``conf/model/routing/em.yaml``.
+
+**Variants** (:class:`EMVariant`; the paper's form is the default, each departure is a setting).
+The authors' release (google-research ``capsule_em``) writes lines 3, 5 and 6 differently:
+
+* cost with ``log sigma^2`` instead of ``log sigma`` (``log_variance``),
+* ``beta_u`` multiplied by ``ln(2 pi) + 1`` and ``beta_a`` by 5000 (``beta_u_scale``, ``beta_a_scale``):
+  a reparameterisation that lets the learned biases move as fast as the cost they offset
+  (with Adam a parameter moves ~lr per step whatever its gradient's scale),
+* each parent's mean smoothed across iterations, ``mu <- 0.9 mu_new + 0.1 mu_previous`` from
+  ``mu = 0`` (``mean_smoothing: 0.1``); the variance is taken around the smoothed mean.
+
+In the paper's notation line 5 becomes ``cost^h <- (beta_u_scale beta_u + c log sigma_j^h) sum_i R_ij``
+(``c = 2`` with ``log_variance``) and line 6 ``a_j <- logistic(lambda (beta_a_scale beta_a - sum_h cost^h))``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capsnets.errors import ConfigError
 from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing
 from capsnets.nn.routing.layout import NORMALISATIONS, ChildLayout
-from capsnets.utils.validation import require_choice, require_positive
+from capsnets.utils.validation import require_choice, require_positive, require_range
 
 LAMBDA_SCHEDULES = ("official", "fixed")
 MOMENT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -60,6 +75,45 @@ def inverse_temperatures(
     return [scale * value] * iterations
 
 
+@dataclass(frozen=True)
+class EMVariant:
+    """How lines 3, 5 and 6 of the M-step are written (the defaults are the paper's; see the module docstring)."""
+
+    log_variance: bool = False  # cost with log sigma^2 (release) instead of log sigma (paper)
+    beta_u_scale: float = 1.0  # release: ln(2 pi) + 1
+    beta_a_scale: float = 1.0  # release: 5000
+    mean_smoothing: float = 0.0  # weight of the previous iteration's mean (release: 0.1; the first starts from 0)
+    detach_assignments: bool = False  # back-propagate through the E-step's R (paper/release) or treat R as a constant
+
+
+PAPER = EMVariant()  # Procedure 1 as the paper writes it
+
+
+def activation_logits(
+    sigma_sq: torch.Tensor,
+    sum_R: torch.Tensor,
+    *,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    lambda_: float,
+    variant: EMVariant,
+) -> torch.Tensor:
+    """Lines 5 and 6 of the M-step: the logits of a_j (B, P, T_out) from sigma_sq (B, P, T_out, D) and sum_i R_ij."""
+    # line 5: cost^h <- (beta_u + log sigma_j^h) sum_i R_ij          (log sigma = 0.5 log sigma^2)
+    log_sigma = torch.log(sigma_sq) * (1.0 if variant.log_variance else 0.5)
+    cost = (variant.beta_u_scale * beta_u[:, None] + log_sigma) * sum_R[..., None]  # (B, P, T_out, D)
+    # line 6: a_j <- logistic(lambda (beta_a - sum_h cost^h)); returned as its logit
+    return lambda_ * (variant.beta_a_scale * beta_a - cost.sum(dim=-1))  # (B, P, T_out)
+
+
+def smoothed_mean(mu: torch.Tensor, mu_previous: torch.Tensor | None, variant: EMVariant) -> torch.Tensor:
+    """Line 3's mean, optionally smoothed with the previous iteration's (the release; the first with mu = 0)."""
+    s = variant.mean_smoothing
+    if s == 0.0:
+        return mu
+    return (1.0 - s) * mu + s * (mu_previous if mu_previous is not None else torch.zeros_like(mu))
+
+
 class EMRoutingBase(Routing):
     """Settings shared by both EM implementations, and the learned ``beta_u``, ``beta_a`` (one per parent type).
 
@@ -72,6 +126,14 @@ class EMRoutingBase(Routing):
         normalisation: how the E-step normalises a child over its parents in a convolutional
             layer: ``covering`` (paper), ``type`` (authors' release) or ``patch`` (see ``layout.py``).
         moment_dtype: ``float32`` or ``float64`` arithmetic of the routing (outputs keep the votes' dtype).
+        log_variance, beta_u_scale, beta_a_scale, mean_smoothing: the release's way of writing the
+            M-step (:class:`EMVariant`; defaults: the paper's).
+        detach_assignments: treat each E-step's assignments as constants in back-propagation (the
+            forward pass is unchanged; the paper says nothing about gradients, the release lets them
+            flow: false).
+        beta_u_init, beta_a_init: initial ``beta_u``, ``beta_a`` (paper: not given; release: 0.5 and
+            -0.5 in this sign convention for conv layers); ``class_beta_u_init``, ``class_beta_a_init``
+            at the class layer (null = the same; release: 2.0 and -1.0).
     """
 
     def __init__(
@@ -85,6 +147,15 @@ class EMRoutingBase(Routing):
         eps: float = 1e-8,
         normalisation: str = "covering",
         moment_dtype: str = "float64",
+        log_variance: bool = False,
+        beta_u_scale: float = 1.0,
+        beta_a_scale: float = 1.0,
+        mean_smoothing: float = 0.0,
+        detach_assignments: bool = False,
+        beta_u_init: float = 0.0,
+        beta_a_init: float = 0.0,
+        class_beta_u_init: float | None = None,
+        class_beta_a_init: float | None = None,
         **base,
     ) -> None:
         super().__init__(iterations=iterations, **base)
@@ -96,8 +167,27 @@ class EMRoutingBase(Routing):
         self.eps = require_positive(f"{key}.eps", eps)
         self.normalisation = require_choice(f"{key}.normalisation", normalisation, NORMALISATIONS)
         self.moment_dtype = require_choice(f"{key}.moment_dtype", moment_dtype, tuple(MOMENT_DTYPES))
-        self.beta_u = nn.Parameter(torch.zeros(self.out_types))
-        self.beta_a = nn.Parameter(torch.zeros(self.out_types))
+        for name, flag in {"log_variance": log_variance, "detach_assignments": detach_assignments}.items():
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{key}.{name} must be true or false, got {flag!r}.")
+        self.variant = EMVariant(
+            log_variance=log_variance,
+            beta_u_scale=require_positive(f"{key}.beta_u_scale", beta_u_scale),
+            beta_a_scale=require_positive(f"{key}.beta_a_scale", beta_a_scale),
+            mean_smoothing=require_range(f"{key}.mean_smoothing", mean_smoothing, 0.0, 0.99),
+            detach_assignments=detach_assignments,
+        )
+        inits = {"beta_u_init": beta_u_init, "beta_a_init": beta_a_init}
+        if self.role == "class":
+            inits = {"beta_u_init": class_beta_u_init, "beta_a_init": class_beta_a_init}
+            inits = {
+                k: v if v is not None else {"beta_u_init": beta_u_init, "beta_a_init": beta_a_init}[k]
+                for k, v in inits.items()
+            }
+        for name, value in inits.items():
+            require_range(f"{key}.{'class_' if self.role == 'class' else ''}{name}", value, -1e6, 1e6)
+        self.beta_u = nn.Parameter(torch.full((self.out_types,), float(inits["beta_u_init"])))
+        self.beta_a = nn.Parameter(torch.full((self.out_types,), float(inits["beta_a_init"])))
 
     @property
     def lambdas(self) -> list[float]:
@@ -114,7 +204,7 @@ class EMRoutingBase(Routing):
         return (
             f"{super().extra_repr()}, out_types={self.out_types}, lambda_schedule={self.lambda_schedule}, "
             f"lambda_value={self.lambda_value}, var_floor={self.var_floor}, normalisation={self.normalisation}, "
-            f"moment_dtype={self.moment_dtype}"
+            f"moment_dtype={self.moment_dtype}, variant={self.variant}"
         )
 
 
@@ -128,20 +218,21 @@ def m_step(
     lambda_: float,
     var_floor: float,
     eps: float,
+    variant: EMVariant = PAPER,
+    mu_previous: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """M-STEP for every parent j: returns mu, sigma_sq (B, P, T_out, D) and the logits of a_j (B, P, T_out)."""
     # line 2: R_ij <- R_ij * a_i
     R = R * a_in[..., None]  # (B, P, K, T_in, T_out)
     sum_R = R.sum(dim=(2, 3))  # sum_i R_ij, (B, P, T_out); eps keeps parents without data finite
-    # line 3: mu_j^h <- sum_i R_ij V_ij^h / sum_i R_ij
+    # line 3: mu_j^h <- sum_i R_ij V_ij^h / sum_i R_ij   (smoothed across iterations in the release's variant)
     mu = torch.einsum("bpkio,bpkiod->bpod", R, V) / (sum_R[..., None] + eps)  # (B, P, T_out, D)
+    mu = smoothed_mean(mu, mu_previous, variant)
     # line 4: (sigma_j^h)^2 <- sum_i R_ij (V_ij^h - mu_j^h)^2 / sum_i R_ij   (+ the variance floor)
     sq_dev = (V - mu[:, :, None, None]) ** 2  # (B, P, K, T_in, T_out, D)
     sigma_sq = torch.einsum("bpkio,bpkiod->bpod", R, sq_dev) / (sum_R[..., None] + eps) + var_floor
-    # line 5: cost^h <- (beta_u + log sigma_j^h) sum_i R_ij
-    cost = (beta_u[:, None] + 0.5 * torch.log(sigma_sq)) * sum_R[..., None]  # (B, P, T_out, D)
-    # line 6: a_j <- logistic(lambda (beta_a - sum_h cost^h)); returned as its logit
-    logits = lambda_ * (beta_a - cost.sum(dim=-1))  # (B, P, T_out)
+    # lines 5 and 6: cost^h and a_j
+    logits = activation_logits(sigma_sq, sum_R, beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, variant=variant)
     return mu, sigma_sq, logits
 
 
@@ -174,22 +265,35 @@ def em_routing(
     eps: float = 1e-8,
     layout: ChildLayout | None = None,
     normalisation: str = "covering",
+    variant: EMVariant = PAPER,
     trace: RoutingTrace | None = None,
 ) -> RoutingResult:
     """Procedure 1 with ``len(lambdas)`` iterations; returns parents mu (B, P, T_out, D), a_out and the final R."""
     layout = layout if layout is not None else ChildLayout()
     # line 2: R_ij <- 1/|Omega_{L+1}|, uniform over the parents each child votes for
     R = layout.initial(V.shape[:5], like=V, over=normalisation)  # (B, P, K, T_in, T_out)
+    mu = None
     for t, lambda_ in enumerate(lambdas):  # line 3
         # line 4: M-step for every parent
         mu, sigma_sq, logits = m_step(
-            R, a_in, V, beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, var_floor=var_floor, eps=eps
+            R,
+            a_in,
+            V,
+            beta_u=beta_u,
+            beta_a=beta_a,
+            lambda_=lambda_,
+            var_floor=var_floor,
+            eps=eps,
+            variant=variant,
+            mu_previous=mu,
         )
         if trace is not None:
             trace.record(R, torch.sigmoid(logits))
         if t < len(lambdas) - 1:
             # line 5: E-step for every child
             R = e_step(V, mu, sigma_sq, logits, layout, normalisation)
+            if variant.detach_assignments:  # the same forward pass; gradients reach V only through the M-steps
+                R = R.detach()
     # line 6: return a, M
     return RoutingResult(mu, torch.sigmoid(logits), R)
 
@@ -213,6 +317,7 @@ class EMRouting(EMRoutingBase):
             eps=self.eps,
             layout=layout,
             normalisation=self.normalisation,
+            variant=self.variant,
             trace=trace,
         )
         return RoutingResult(*(x.to(votes.dtype) for x in result))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from capsnets.nn.routing.base import RoutingResult, RoutingTrace, register_routing
-from capsnets.nn.routing.em import EMRoutingBase
+from capsnets.nn.routing.em import PAPER, EMRoutingBase, EMVariant, activation_logits
 from capsnets.nn.routing.layout import ChildLayout
 
 
@@ -139,10 +139,13 @@ def m_step(
     lambda_: float,
     var_floor: float,
     eps: float,
+    variant: EMVariant = PAPER,
+    mu_previous: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """M-step for every parent j from the centred votes X = [V' | V'^2] (identity 1 of the module docstring).
 
     Returns mu, sigma_sq and ``mu - c`` (B, P, T_out, D), and the logits of a_out (B, P, T_out).
+    ``mu_previous``: the previous iteration's mean, for the release's mean smoothing.
     """
     b, p, t_out = R.shape[:3]
     R = R * a_in  # R_ij <- R_ij * a_i, (B, P, T_out, K, T_in)
@@ -153,9 +156,12 @@ def m_step(
     # exact for any constant c: mu = sum_i R_norm V = mass c + E[V'], and
     # sigma_sq = sum_i R_norm (V' - (mu - c))^2 = E[V'^2] - 2 (mu - c) E[V'] + mass (mu - c)^2
     mu_c = E_c - (1 - mass) * c  # mu_j - c_j
+    if variant.mean_smoothing:  # the release: (1 - s) mu + s mu_previous (mu_previous = 0 at first), minus c
+        s = variant.mean_smoothing
+        mu_c = (1 - s) * mu_c + s * ((mu_previous - c) if mu_previous is not None else -c)
+    # (the identity holds for any mu: the variance is taken around the smoothed mean)
     sigma_sq = (E_sq - 2 * mu_c * E_c + mass * mu_c**2).clamp_min(0) + var_floor
-    cost = (beta_u[:, None] + 0.5 * torch.log(sigma_sq)) * sum_R[..., None]  # (beta_u + log sigma_j^h) sum_i R_ij
-    logits = lambda_ * (beta_a - cost.sum(dim=-1))  # lambda (beta_a - sum_h cost^h), (B, P, T_out)
+    logits = activation_logits(sigma_sq, sum_R, beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, variant=variant)
     return c + mu_c, sigma_sq, mu_c, logits
 
 
@@ -196,6 +202,7 @@ def fused_em_routing(
     eps: float = 1e-8,
     layout: ChildLayout | None = None,
     normalisation: str = "covering",
+    variant: EMVariant = PAPER,
     moment_dtype: torch.dtype = torch.float32,
     trace: RoutingTrace | None = None,
 ) -> RoutingResult:
@@ -210,6 +217,7 @@ def fused_em_routing(
     X, c, *tokens = CentredVotes.apply(V, 2 * len(lambdas) - 1, moment_dtype)  # two tokens per contraction of X
     a_in = a_in[:, :, None]  # (B, P, 1, K, T_in), broadcast over R's T_out
     R = layout.initial(torch.Size((b, p, k, t_in, t_out)), like=X, over=normalisation).permute(0, 1, 4, 2, 3)
+    mu = None
     for t, lambda_ in enumerate(lambdas):
         mu, sigma_sq, mu_c, logits = m_step(
             R,
@@ -222,11 +230,15 @@ def fused_em_routing(
             lambda_=lambda_,
             var_floor=var_floor,
             eps=eps,
+            variant=variant,
+            mu_previous=mu,
         )
         if trace is not None:
             trace.record(R.permute(0, 1, 3, 4, 2), torch.sigmoid(logits))  # R as (B, P, K, T_in, T_out)
         if t < len(lambdas) - 1:
             R = e_step(X, tokens[4 * t + 2 : 4 * t + 4], mu_c, sigma_sq, logits, layout, normalisation, k)
+            if variant.detach_assignments:
+                R = R.detach()
     return RoutingResult(mu, torch.sigmoid(logits), R.permute(0, 1, 3, 4, 2))
 
 
@@ -248,6 +260,7 @@ class FusedEMRouting(EMRoutingBase):
             eps=self.eps,
             layout=layout,
             normalisation=self.normalisation,
+            variant=self.variant,
             moment_dtype=self.dtype_for(votes),
             trace=trace,
         )
