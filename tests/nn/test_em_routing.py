@@ -558,3 +558,21 @@ def test_fused_equals_reference_with_the_release_m_step(normalisation):
         grads.append(torch.autograd.grad(out.poses.sin().sum() + out.activations.sum(), (V, a_in)))
     assert same(*outs)
     assert all(torch.allclose(x, y, atol=1e-9, rtol=1e-7) for x, y in zip(*grads))
+
+
+@pytest.mark.parametrize(
+    "route, extra", [(reference_em_routing, {}), (fused_em_routing, {"moment_dtype": torch.float64})], ids=IMPLS
+)
+def test_detach_assignments_keeps_the_forward_pass_and_changes_only_the_gradients(route, extra):
+    inputs = as_double(routing_inputs("randn", conv=True, seed=4))
+    V = inputs.pop("V").requires_grad_(True)
+    results = {}
+    for detach in (False, True):
+        out = route(V, variant=EMVariant(detach_assignments=detach), **inputs, **extra)
+        results[detach] = (out, torch.autograd.grad(out.poses.sin().sum() + out.activations.sum(), V)[0])
+    assert same(results[False][0], results[True][0], atol=0)  # identical values
+    assert not torch.allclose(results[False][1], results[True][1])  # gradients no longer pass through R
+    ref = reference_em_routing(V, variant=EMVariant(detach_assignments=True), **inputs)
+    assert torch.allclose(
+        torch.autograd.grad(ref.poses.sin().sum() + ref.activations.sum(), V)[0], results[True][1], atol=1e-9
+    )
