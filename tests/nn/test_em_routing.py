@@ -576,3 +576,38 @@ def test_detach_assignments_keeps_the_forward_pass_and_changes_only_the_gradient
     assert torch.allclose(
         torch.autograd.grad(ref.poses.sin().sum() + ref.activations.sum(), V)[0], results[True][1], atol=1e-9
     )
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_activation_gradient_of_a_child_joining_a_parent_with_one_child_is_not_lost_to_rounding(seed):
+    # every parent holds a single child (the others at a = 0): its variance is 0 up to rounding, which the
+    # centred moments can land just below 0; a plain clamp there zeroes d cost / d a of the other children
+    torch.manual_seed(seed)
+    V = torch.randn(1, 1, 6, 1, 2, 16, dtype=torch.float64)
+    a_in = torch.zeros(1, 1, 6, 1, dtype=torch.float64)
+    a_in[..., 0, 0] = 1.0
+    a_in.requires_grad_(True)
+    kwargs = {"beta_u": torch.zeros(2, dtype=torch.float64), "beta_a": torch.zeros(2, dtype=torch.float64)}
+    grads = []
+    for route, extra in ((reference_em_routing, {}), (fused_em_routing, {"moment_dtype": torch.float64})):
+        out = route(V, a_in, lambdas=[0.01], **kwargs, **extra)
+        (grad,) = torch.autograd.grad(out.activations.sum(), a_in)
+        grads.append(grad)
+    assert grads[0][..., 1:, :].abs().min() > 1.0  # a child joining the parent changes its cost
+    assert torch.allclose(grads[1], grads[0], rtol=1e-6, atol=1e-8)
+
+
+def test_fused_routing_refuses_second_derivatives_and_the_reference_computes_them():
+    inputs = as_double(routing_inputs("randn", conv=False))
+    inputs["V"] = inputs["V"][:1, :, :4, :2, :2, :4].clone().requires_grad_(True)
+    inputs["a_in"] = inputs["a_in"][:1, :, :4, :2]
+    inputs["beta_u"], inputs["beta_a"] = inputs["beta_u"][:2], inputs["beta_a"][:2]
+    out = fused_em_routing(**inputs, moment_dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="impl=reference"):
+        torch.autograd.grad(out.activations.sum(), inputs["V"], create_graph=True)
+    V = inputs.pop("V")
+
+    def activations(V):
+        return reference_em_routing(V, **inputs).activations
+
+    assert torch.autograd.gradgradcheck(activations, (V,), fast_mode=True)

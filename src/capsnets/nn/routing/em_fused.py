@@ -30,11 +30,27 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from capsnets.nn.routing.base import RoutingResult, RoutingTrace, register_routing
 from capsnets.nn.routing.em import PAPER, EMRoutingBase, EMVariant, activation_logits
 from capsnets.nn.routing.layout import ChildLayout
+
+
+def first_order_only(backward):
+    """Backward of a custom Function that has no derivative of its own: computes under no_grad and refuses
+    ``create_graph=True`` (second derivatives, e.g. gradient penalties) instead of silently dropping terms."""
+
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "EM routing impl=fused has no second derivatives (create_graph=True, e.g. a gradient penalty "
+                "through routing): use model.routing.impl=reference, plain autograd, which has them"
+            )
+        with torch.no_grad():
+            return backward(ctx, *grads)
+
+    checked.__name__, checked.__doc__ = backward.__name__, backward.__doc__
+    return checked
 
 
 class CentredVotes(torch.autograd.Function):
@@ -68,7 +84,7 @@ class CentredVotes(torch.autograd.Function):
         return (X, c, *tokens)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, _dX, _dc, *token_grads):  # type: ignore[override]
         pairs = [(left, right) for left, right in zip(token_grads[::2], token_grads[1::2]) if left is not None]
         if not pairs:
@@ -103,7 +119,7 @@ class ChildSum(torch.autograd.Function):
         return torch.bmm(w.unsqueeze(1), X).squeeze(1)  # (G, 1, N) @ (G, N, 2D) -> (G, 2D)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dS):  # type: ignore[override]
         X, w = ctx.saved_tensors
         # (G, 1, 2D) @ (G, 2D, N): reads X faster than (G, N, 2D) @ (G, 2D, 1)
@@ -120,7 +136,7 @@ class PoseSum(torch.autograd.Function):
         return torch.bmm(f.unsqueeze(1), X.transpose(1, 2)).squeeze(1)  # (G, 1, 2D) @ (G, 2D, N) -> (G, N)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dq):  # type: ignore[override]
         X, f = ctx.saved_tensors
         df = torch.bmm(dq.unsqueeze(1), X).squeeze(1) if ctx.needs_input_grad[3] else None  # (G, 2D)
@@ -160,7 +176,11 @@ def m_step(
         s = variant.mean_smoothing
         mu_c = (1 - s) * mu_c + s * ((mu_previous - c) if mu_previous is not None else -c)
     # (the identity holds for any mu: the variance is taken around the smoothed mean)
-    sigma_sq = (E_sq - 2 * mu_c * E_c + mass * mu_c**2).clamp_min(0) + var_floor
+    sigma_sq = E_sq - 2 * mu_c * E_c + mass * mu_c**2
+    # straight-through clamp: rounding can land a zero variance (a parent with one child) just below 0; the
+    # forward pass clamps it, the backward pass keeps the true gradient (a plain clamp would zero the
+    # gradient with respect to every other child's activation there)
+    sigma_sq = sigma_sq + (sigma_sq.clamp_min(0) - sigma_sq).detach() + var_floor
     logits = activation_logits(sigma_sq, sum_R, beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, variant=variant)
     return c + mu_c, sigma_sq, mu_c, logits
 
