@@ -14,3 +14,26 @@ class ConfigError(CapsnetsError, ValueError):
 
 class DataError(CapsnetsError, OSError):
     """A dataset file is missing, truncated or in the wrong format; the message names the file."""
+
+
+def exit_on_error(main):
+    """Decorator for a Hydra task function: a :class:`CapsnetsError` ends a single run with its message on
+    stderr and exit code 2, without a traceback (the message already names the key and the fix). In a
+    multirun the error is raised on, so the launcher sees the failed job."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def task(cfg):
+        try:
+            return main(cfg)
+        except CapsnetsError as exc:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise
+            print(f"Error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return task

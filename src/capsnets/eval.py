@@ -25,7 +25,6 @@ overwrite each other, and re-running one setting replaces its file.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
 import logging
@@ -41,8 +40,10 @@ from lightning import Callback, LightningDataModule, LightningModule, Trainer, s
 from omegaconf import DictConfig, OmegaConf
 
 import capsnets
+from capsnets.checkpoints import check_finite, check_weights, read_checkpoint
 from capsnets.data.base import EVAL_SPLITS
-from capsnets.errors import ConfigError
+from capsnets.errors import ConfigError, exit_on_error
+from capsnets.registry import resolve
 from capsnets.results.record import scalar_metrics
 from capsnets.utils.instantiate import (
     check_ckpt_path,
@@ -64,21 +65,25 @@ RUNTIME_SETTINGS = ("batch_size", "num_workers", "pin_memory", "download")
 LOADER_SETTINGS = (*RUNTIME_SETTINGS, "data_dir", "search_dirs")
 
 
-def _import(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def load_checkpoint(ckpt_path: str) -> tuple[LightningModule, dict[str, Any]]:
     """Rebuild the LightningModule stored in ``ckpt_path``; also returns the capsnets metadata
-    (model and DataModule class and settings, samples seen) plus the checkpoint's epoch and global step."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu")  # weights_only=True (PyTorch default)
-    meta = checkpoint.get("capsnets")
-    if not meta or "model_class" not in meta:
+    (model and DataModule class and settings, samples seen) plus the checkpoint's epoch and global step.
+
+    Only a model class that capsnets registers is built (:mod:`capsnets.registry`): a checkpoint carries
+    data, never code. Unreadable, foreign, mismatched or non-finite checkpoints end in one ConfigError.
+    """
+    checkpoint = read_checkpoint(ckpt_path)
+    meta = checkpoint["capsnets"]
+    model_cls = resolve("model", meta["model_class"], f"checkpoint {ckpt_path}")
+    try:
+        model = model_cls(**checkpoint.get("hyper_parameters", {}))
+    except TypeError as exc:
         raise ConfigError(
-            f"{ckpt_path} was not written by a capsnets run (no 'capsnets' metadata); cannot rebuild the model."
-        )
-    model = _import(meta["model_class"])(**checkpoint["hyper_parameters"])
+            f"ckpt_path={ckpt_path!r}: its hyper-parameters do not build {model_cls.__name__} ({exc}). "
+            f"Fix: evaluate it with the capsnets version that wrote it, or retrain."
+        ) from None
+    check_weights(model, checkpoint["state_dict"], ckpt_path)
+    check_finite(checkpoint["state_dict"], ckpt_path)
     model.load_state_dict(checkpoint["state_dict"])
     model.samples_seen = int(meta.get("samples_seen", 0))
     return model, {**meta, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
@@ -137,9 +142,11 @@ def data_source(cfg: DictConfig, meta: dict[str, Any], ckpt_path: str) -> tuple[
     if cfg.get("data") is not None:
         settings = OmegaConf.to_container(cfg.data, resolve=True)
         assert isinstance(settings, dict)
-        return _import(settings.pop("_target_")), settings
+        return resolve("datamodule", settings.pop("_target_"), "data._target_"), settings
     if "datamodule_class" in meta:
-        return _import(meta["datamodule_class"]), dict(meta["datamodule_hparams"])
+        return resolve("datamodule", meta["datamodule_class"], f"checkpoint {ckpt_path}"), dict(
+            meta.get("datamodule_hparams", {})
+        )
     raise ConfigError(f"{ckpt_path} does not record its dataset; pass data=<option> (e.g. data=mnist).")
 
 
@@ -393,6 +400,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+@exit_on_error
 def main(cfg: DictConfig) -> float | None:
     return evaluate(cfg).get("test/acc")
 

@@ -18,6 +18,10 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from capsnets.callbacks.learning_curve import LearningCurve
+from capsnets.callbacks.nonfinite import NonFiniteGuard
+from capsnets.checkpoints import check_finite, check_weights, read_checkpoint
+from capsnets.errors import ConfigError, exit_on_error
+from capsnets.registry import resolve
 from capsnets.results.record import metric_value, scalar_metrics, write_record
 from capsnets.utils.instantiate import (
     check_ckpt_path,
@@ -45,7 +49,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate_datamodule(cfg.data)
     model = instantiate_model(cfg.model)
+    if ckpt_path is not None:
+        check_resume_checkpoint(ckpt_path, model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks.append(
+        NonFiniteGuard(
+            cfg.get("nonfinite", "stop"),
+            max_skips=cfg.get("nonfinite_max_skips", 10),
+            run_dir=cfg.paths.get("output_dir"),
+        )
+    )
     loggers = instantiate_loggers(cfg.get("logger"))
     if not loggers and any(isinstance(cb, LearningRateMonitor) for cb in callbacks):
         log.info("logger=none: the learning-rate monitor has nowhere to log and is left out.")
@@ -57,6 +70,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         finish_loggers(loggers, failed=failed)
     return metrics
+
+
+def check_resume_checkpoint(ckpt_path: str, model: Any) -> None:
+    """Before anything is written: ``ckpt_path`` is a readable capsnets checkpoint of this model, with finite
+    weights of the configured shapes (else one ConfigError naming the file and the fix)."""
+    checkpoint = read_checkpoint(ckpt_path)
+    stored = resolve("model", checkpoint["capsnets"]["model_class"], f"checkpoint {ckpt_path}")
+    if stored is not type(model):
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} holds a {stored.__name__}, but the config builds a {type(model).__name__}. "
+            f"Fix: pass the model= the checkpoint was trained with, or another checkpoint."
+        )
+    check_weights(model, checkpoint["state_dict"], ckpt_path)
+    check_finite(checkpoint["state_dict"], ckpt_path)
 
 
 def _fit_and_test(
@@ -118,6 +145,7 @@ def _print_summary(cfg: DictConfig, trainer: Any, metrics: dict[str, float]) -> 
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@exit_on_error
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metric_value(metrics, cfg.get("optimized_metric"))

@@ -4,6 +4,7 @@ matrices, reconstructions and capsule perturbations, routing statistics and clas
 from capsnets.callbacks.confusion_matrix import ConfusionMatrixPictures
 from capsnets.callbacks.learning_curve import LearningCurve
 from capsnets.callbacks.margin_schedule import SpreadMarginSchedule
+from capsnets.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from capsnets.callbacks.pictures import PictureCallback
 from capsnets.callbacks.reconstructions import ReconstructionPictures, perturbed_capsules, perturbed_reconstructions
 from capsnets.callbacks.routing_pictures import RoutingPictures
@@ -13,6 +14,8 @@ __all__ = [
     "ConfusionMatrixPictures",
     "LayerRoutingStats",
     "LearningCurve",
+    "NonFiniteError",
+    "NonFiniteGuard",
     "PictureCallback",
     "ReconstructionPictures",
     "RoutingPictures",

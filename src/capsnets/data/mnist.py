@@ -21,6 +21,7 @@ from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset,
 from capsnets.data.idx import read_idx
 from capsnets.errors import ConfigError, DataError
 from capsnets.utils.validation import require_int
+from capsnets.registry import register_datamodule
 
 __all__ = ["FashionMNISTDataModule", "IDX_FILE_NAMES", "MNISTDataModule", "resolve_search_dir"]
 
@@ -42,6 +43,7 @@ def resolve_search_dir(entry: str | os.PathLike[str]) -> Path:
     return Path(text).expanduser()
 
 
+@register_datamodule
 class MNISTDataModule(ImageClassificationDataModule):
     """MNIST (LeCun et al. 1998) as in-memory uint8 tensors; see the module docstring for lookup.
 
@@ -219,6 +221,7 @@ class MNISTDataModule(ImageClassificationDataModule):
         return images.unsqueeze(1), labels.long()  # (N, 1, H, W), (N,)
 
 
+@register_datamodule
 class FashionMNISTDataModule(MNISTDataModule):
     """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017): same format, sizes and options as :class:`MNISTDataModule`.
 

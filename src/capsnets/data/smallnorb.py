@@ -37,6 +37,7 @@ from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset,
 from capsnets.data.norb import INFO_LIMITS, NUM_CATEGORIES, preprocess_smallnorb
 from capsnets.errors import ConfigError, DataError
 from capsnets.utils.validation import require_choice, require_int, require_range
+from capsnets.registry import register_datamodule
 
 __all__ = [
     "SMALLNORB_FILES",
@@ -105,6 +106,7 @@ def multi_crop_offsets(n: int, max_offset: int) -> list[tuple[int, int]]:
     return offsets[:n]
 
 
+@register_datamodule
 class SmallNORBDataModule(ImageClassificationDataModule):
     """smallNORB with the preprocessing and viewpoint splits of Hinton et al. (2018); see the module docstring.
 

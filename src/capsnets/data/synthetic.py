@@ -14,6 +14,7 @@ import torch
 from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset
 from capsnets.data.transforms import shift_images
 from capsnets.utils.validation import require_int, require_range
+from capsnets.registry import register_datamodule
 
 __all__ = ["SyntheticDataModule", "make_prototypes"]
 
@@ -47,6 +48,7 @@ def make_prototypes(
     return ink.reshape(num_classes, in_channels, s, s)  # (K, C, S, S)
 
 
+@register_datamodule
 class SyntheticDataModule(ImageClassificationDataModule):
     """Generated stroke images, deterministic given ``seed``; no files, no download.
 

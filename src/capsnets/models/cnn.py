@@ -11,9 +11,11 @@ import torch
 
 from capsnets.models.base import CapsuleClassifier
 from capsnets.nets.cnn import ARCHITECTURES, PRESETS, BaselineCNN
+from capsnets.registry import register_model
 from capsnets.utils.validation import require_choice
 
 
+@register_model
 class CNNModule(CapsuleClassifier):
     """LightningModule for the CNN baselines: cross-entropy on the logits; class score = softmax."""
 

@@ -9,9 +9,11 @@ import torch
 from capsnets.losses import margin_loss, reconstruction_loss
 from capsnets.models.base import CapsuleClassifier
 from capsnets.nets import CapsNet
+from capsnets.registry import register_model
 from capsnets.utils.validation import require_range
 
 
+@register_model
 class DRCapsModule(CapsuleClassifier):
     """LightningModule for CapsNet: margin loss + ``recon_weight`` x reconstruction loss.
 

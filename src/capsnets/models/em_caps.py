@@ -10,11 +10,13 @@ from lightning import Callback
 from capsnets.losses import MarginSchedule, margin_loss, spread_loss
 from capsnets.models.base import CapsuleClassifier
 from capsnets.nets import EMCapsNet
+from capsnets.registry import register_model
 from capsnets.utils.validation import require_choice, require_range
 
 LOSSES = ("spread", "margin", "cross_entropy")
 
 
+@register_model
 class EMCapsModule(CapsuleClassifier):
     """LightningModule for matrix capsules; class score = class-capsule activation.
 
