@@ -149,6 +149,25 @@ def test_corrupt_file_is_named(mnist_root: Path, tiny_mnist: TinyMNIST) -> None:
     assert str(path) in str(info.value)
 
 
+def test_a_corrupt_test_file_is_found_before_training(mnist_root: Path) -> None:
+    # fitting reads and checks the test files too: a truncated t10k file ends setup("fit"), not the test
+    path = mnist_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:40])
+    dm = MNISTDataModule(data_dir=str(mnist_root), val_size=5, download=False)
+    with pytest.raises(DataError) as info:
+        dm.setup("fit")
+    assert str(path) in str(info.value)
+
+
+def test_fit_loads_the_test_split_once(mnist_root: Path, tiny_mnist: TinyMNIST) -> None:
+    dm = MNISTDataModule(data_dir=str(mnist_root), val_size=5, download=False)
+    dm.setup("fit")
+    test = dm.data_test
+    assert test is not None and len(test) == tiny_mnist.n_test
+    dm.setup("test")
+    assert dm.data_test is test  # not read again
+
+
 @pytest.mark.realdata
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_DIR} absent (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_from_debian_package(tmp_path: Path) -> None:

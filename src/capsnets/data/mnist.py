@@ -186,8 +186,12 @@ class MNISTDataModule(ImageClassificationDataModule):
         self.require_files(download=self.download)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the IDX files once into memory; split train/val with ``split_seed``; test = t10k."""
+        """Read the IDX files once into memory; split train/val with ``split_seed``; test = t10k (read and
+        checked with the training files, whatever the stage asks for)."""
         need_fit, need_test = self.stages_to_load(stage)
+        # fail fast: fitting also reads and checks the test files (10k images, ~8 MB), so a corrupt test
+        # file is found before the first training step, not after the whole training
+        need_test = need_test or (need_fit and self.data_test is None)
         if not (need_fit or need_test):
             return
         files = self.require_files(download=False)
