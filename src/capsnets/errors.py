@@ -19,7 +19,8 @@ class DataError(CapsnetsError, OSError):
 def exit_on_error(main):
     """Decorator for a Hydra task function: a :class:`CapsnetsError` ends a single run with its message on
     stderr and exit code 2, without a traceback (the message already names the key and the fix). In a
-    multirun the error is raised on, so the launcher sees the failed job."""
+    multirun the error is raised on, so the launcher records the failed job and runs the next. An error
+    with an ``exit_code`` (an interruption by a signal) ends the process with that code in either mode."""
     import functools
     import sys
 
@@ -31,9 +32,10 @@ def exit_on_error(main):
             from hydra.core.hydra_config import HydraConfig
             from hydra.types import RunMode
 
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            code = getattr(exc, "exit_code", None)  # Interrupted: 128 + signal, and a sweep stops there too
+            if code is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise
-            print(f"Error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            print(f"{'Interrupted' if code else 'Error'}: {exc}", file=sys.stderr, flush=True)
+            sys.exit(code or 2)
 
     return task

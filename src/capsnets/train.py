@@ -7,7 +7,9 @@ checkpoint and returns ``cfg.optimized_metric`` for sweepers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
+from capsnets.callbacks.interruption import Interruption, interruption_of
 from capsnets.callbacks.learning_curve import LearningCurve
 from capsnets.callbacks.nonfinite import NonFiniteGuard
 from capsnets.checkpoints import check_finite, check_weights, read_checkpoint
 from capsnets.errors import ConfigError, exit_on_error
 from capsnets.registry import resolve
 from capsnets.results.record import metric_value, scalar_metrics, write_record
+from capsnets.utils.checkpoint_io import remove_stale_partials
 from capsnets.utils.instantiate import (
     check_ckpt_path,
     check_model_config,
@@ -46,12 +50,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
+    output_dir = cfg.get("paths", {}).get("output_dir")
+    remove_stale_partials(
+        Path(output_dir) / "checkpoints" if output_dir else None, ckpt_path and Path(ckpt_path).parent
+    )
 
     datamodule = instantiate_datamodule(cfg.data)
     model = instantiate_model(cfg.model)
     if ckpt_path is not None:
         check_resume_checkpoint(ckpt_path, model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks.append(Interruption(run_dir=cfg.paths.get("output_dir")))
     callbacks.append(
         NonFiniteGuard(
             cfg.get("nonfinite", "stop"),
@@ -70,6 +79,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         finish_loggers(loggers, failed=failed)
     return metrics
+
+
+@contextlib.contextmanager
+def reported_interruption(trainer: Any) -> Iterator[None]:
+    """Lightning ends a fit stopped by SIGTERM / Ctrl-C with SystemExit (code 0 / 1): turn it into
+    :class:`Interrupted` naming the saved checkpoint and the resume command (exit 128 + signal)."""
+    try:
+        yield
+    except SystemExit:
+        interruption = interruption_of(trainer.callbacks)
+        if interruption is None or interruption.signum is None:
+            raise
+        raise interruption.error(job_overrides()) from None
 
 
 def check_resume_checkpoint(ckpt_path: str, model: Any) -> None:
@@ -98,7 +120,8 @@ def _fit_and_test(
     checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
     checkpoint = next((c for c in checkpoints if c.monitor), checkpoints[0] if checkpoints else None)
     if cfg.get("train", True):
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        with reported_interruption(trainer):
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(scalar_metrics(trainer.callback_metrics))
         name = cfg.get("optimized_metric")
         if checkpoint is not None and name and checkpoint.monitor == name and checkpoint.best_model_score is not None:
@@ -112,7 +135,8 @@ def _fit_and_test(
             test_ckpt = ckpt_path
         if test_ckpt is None and cfg.get("train", True) and not trainer.fast_dev_run:
             log.warning("No best checkpoint found; testing the weights at the end of training.")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=test_ckpt)
+        with reported_interruption(trainer):
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=test_ckpt)
         metrics.update(scalar_metrics(trainer.callback_metrics))
 
     if trainer.is_global_zero:

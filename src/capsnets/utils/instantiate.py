@@ -68,7 +68,12 @@ def instantiate_model(cfg: DictConfig) -> LightningModule:
 
 def instantiate_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> Trainer:
     log.info("Instantiating trainer <%s>", cfg._target_)
-    return hydra.utils.instantiate(cfg, callbacks=callbacks, logger=loggers or False)
+    extra: dict[str, Any] = {}
+    if cfg.get("plugins") is None:  # checkpoints written whole or not at all, no temporary files in $TMPDIR
+        from capsnets.utils.checkpoint_io import PartialFileCheckpointIO
+
+        extra["plugins"] = [PartialFileCheckpointIO()]
+    return hydra.utils.instantiate(cfg, callbacks=callbacks, logger=loggers or False, **extra)
 
 
 def check_ckpt_path(ckpt_path: str | None, key: str = "ckpt_path") -> str | None:
