@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -64,6 +65,25 @@ def test_state_round_trip_continues_the_curve():
     restored = LearningCurve(every_samples=100)
     restored.load_state_dict(curve.state_dict())
     assert restored.curve == curve.curve and restored._next == 200
+
+
+def test_testing_an_earlier_checkpoint_keeps_the_whole_curve(tmp_path):
+    # train.py tests the best checkpoint, which can be epochs older than the end of training; restoring it
+    # restores the callbacks' state too, which truncated metrics.json's curve at the best epoch
+    dm, model = build()
+    curve = LearningCurve(every_samples=64)
+    trainer = fit(tmp_path, dm, model, curve, epochs=1)
+    trainer.save_checkpoint(tmp_path / "early.ckpt")
+    early = list(curve.curve)
+    trainer.fit_loop.max_epochs = 3
+    trainer.fit(model, datamodule=dm)  # two more epochs, the same run
+    full = list(curve.curve)
+    assert len(full) > len(early) and full[: len(early)] == early
+    trainer.test(model, datamodule=dm, ckpt_path=str(tmp_path / "early.ckpt"), verbose=False)
+    assert curve.curve == full
+    fresh = LearningCurve(every_samples=64)  # a resumed run (a new process) takes the stored curve
+    fresh.load_state_dict(torch.load(tmp_path / "early.ckpt", weights_only=True)["callbacks"]["LearningCurve"])
+    assert fresh.curve == early
 
 
 @pytest.mark.parametrize("kwargs, key", [({"every_samples": 0}, "every_samples"), ({"split": "train"}, "split")])

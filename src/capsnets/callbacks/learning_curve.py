@@ -106,5 +106,10 @@ class LearningCurve(Callback):
         return {"curve": list(self.curve), "next": self._next}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.curve = [dict(point) for point in state_dict.get("curve", [])]
+        loaded = [dict(point) for point in state_dict.get("curve", [])]
+        if len(self.curve) > len(loaded) and self.curve[: len(loaded)] == loaded:
+            # trainer.test(ckpt_path=best) restores callbacks from an earlier checkpoint of this same run:
+            # the curve recorded since then is kept (a resumed run starts empty and takes the stored curve)
+            return
+        self.curve = loaded
         self._next = int(state_dict.get("next", self._next))
