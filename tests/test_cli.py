@@ -103,6 +103,8 @@ def test_train_on_tiny_idx_files(cli, tmp_path):
         (["data.batch_size=0"], "data.batch_size"),
         (["model=does_not_exist"], "Available options"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' is not a file"),
+        (["model.scheduler.decay_rate=2"], "model.scheduler.decay_rate must be a number in [1e-12, 1.0]"),
+        (["nonfinite=ignore"], "nonfinite must be one of stop, skip"),
     ],
 )
 def test_bad_config_fails_before_training(cli, tmp_path, overrides, message):
@@ -110,6 +112,9 @@ def test_bad_config_fails_before_training(cli, tmp_path, overrides, message):
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout, (proc.stderr + proc.stdout)[-3000:]
     assert not (tmp_path / "bad" / "checkpoints").exists()
+    if overrides != ["model=does_not_exist"]:  # capsnets' own checks: one line, exit 2, no traceback
+        assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith("Error: ")
+        assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
 
 
 def test_missing_dataset_without_network_names_files_and_fixes(cli, tmp_path):

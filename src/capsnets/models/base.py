@@ -9,6 +9,7 @@ do not change the curve.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,7 +23,7 @@ from capsnets.nn.routing import RoutingTrace, recording
 from capsnets.utils.validation import require_choice, require_positive, require_range
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-SCHEDULERS = ("exponential", "none")
+SCHEDULERS = ("exponential", "cosine", "none")
 
 
 def validate_optimizer(cfg: dict[str, Any]) -> None:
@@ -34,11 +35,14 @@ def validate_optimizer(cfg: dict[str, Any]) -> None:
 
 
 def validate_scheduler(cfg: dict[str, Any]) -> None:
-    """Check ``model.scheduler`` (name, decay_rate in (0, 1], decay_samples > 0)."""
+    """Check ``model.scheduler``: name; exponential: decay_rate in (0, 1], decay_samples > 0; cosine:
+    final_fraction in [0, 1]."""
     name = require_choice("model.scheduler.name", cfg.get("name", "none"), SCHEDULERS)
     if name == "exponential":
         require_range("model.scheduler.decay_rate", cfg.get("decay_rate"), 1e-12, 1.0)
         require_positive("model.scheduler.decay_samples", cfg.get("decay_samples"))
+    if name == "cosine":
+        require_range("model.scheduler.final_fraction", cfg.get("final_fraction", 0.0), 0.0, 1.0)
 
 
 @dataclass
@@ -164,8 +168,24 @@ class CapsuleClassifier(LightningModule):
         cfg = dict(self.optimizer_cfg)
         optimizer_cls = OPTIMIZERS[cfg.pop("name")]
         optimizer = optimizer_cls(self.parameters(), **cfg)
-        if self.scheduler_cfg.get("name", "none") == "none":
+        name = self.scheduler_cfg.get("name", "none")
+        if name == "none":
             return optimizer
+        if name == "cosine":
+            # lr(step) = lr0 (f + (1 - f) (1 + cos(pi step / T)) / 2) over the planned run's T optimiser steps
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total) or total < 1:
+                raise ConfigError(
+                    "model.scheduler.name=cosine decays over the planned run, but the run has no finite length. "
+                    "Fix: set trainer.max_epochs or trainer.max_steps, or use model.scheduler.name=exponential."
+                )
+            f = float(self.scheduler_cfg.get("final_fraction", 0.0))
+
+            def factor(step: int) -> float:
+                return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         # lr(samples) = lr0 * decay_rate ** (samples / decay_samples), applied per step.
         gamma = self.scheduler_cfg["decay_rate"] ** (self.effective_batch_size() / self.scheduler_cfg["decay_samples"])
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from capsnets.errors import ConfigError
+from capsnets.errors import CapsnetsError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,22 @@ def _instantiate_group(cfg: DictConfig | None, kind: str) -> list[Any]:
     for name, conf in cfg.items():
         if isinstance(conf, DictConfig) and "_target_" in conf:
             log.info("Instantiating %s <%s> (%s)", kind, conf._target_, name)
-            objects.append(hydra.utils.instantiate(conf, _convert_="all"))
+            objects.append(build(conf, _convert_="all"))
     return objects
+
+
+def build(cfg: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but an error capsnets raised on purpose (a ConfigError naming the key and
+    the fix) comes out as itself, not wrapped in Hydra's InstantiationException with a traceback."""
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, CapsnetsError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
@@ -40,7 +55,7 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
 
 def instantiate_datamodule(cfg: DictConfig) -> LightningDataModule:
     log.info("Instantiating datamodule <%s>", cfg._target_)
-    return hydra.utils.instantiate(cfg, _convert_="all")
+    return build(cfg, _convert_="all")
 
 
 def check_model_config(cfg: DictConfig) -> None:
@@ -63,7 +78,7 @@ def check_model_config(cfg: DictConfig) -> None:
 def instantiate_model(cfg: DictConfig) -> LightningModule:
     log.info("Instantiating model <%s>", cfg._target_)
     # _convert_="all": plain dicts/lists in hparams, so checkpoints load with weights_only=True
-    return hydra.utils.instantiate(cfg, _convert_="all")
+    return build(cfg, _convert_="all")
 
 
 def instantiate_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> Trainer:
@@ -73,7 +88,7 @@ def instantiate_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: lis
         from capsnets.utils.checkpoint_io import PartialFileCheckpointIO
 
         extra["plugins"] = [PartialFileCheckpointIO()]
-    return hydra.utils.instantiate(cfg, callbacks=callbacks, logger=loggers or False, **extra)
+    return build(cfg, callbacks=callbacks, logger=loggers or False, **extra)
 
 
 def check_ckpt_path(ckpt_path: str | None, key: str = "ckpt_path") -> str | None:

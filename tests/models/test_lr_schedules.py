@@ -1,0 +1,83 @@
+"""LR schedules, per optimiser step: exponential in samples seen, and cosine over the planned run."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+
+from capsnets.errors import ConfigError
+from capsnets.utils.instantiate import build as instantiate_as_capsnets
+from capsnets.utils.resolvers import CONFIG_DIR
+
+from helpers import SMALL_DR_CAPS
+
+STEPS_PER_EPOCH = 3
+
+
+def build(*overrides: str):  # noqa: ANN201
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "model=dr_caps",
+                *SMALL_DR_CAPS,
+                "data=synthetic",
+                f"data.num_train={32 * STEPS_PER_EPOCH}",
+                "data.num_val=32",
+                "data.num_test=32",
+                "data.batch_size=32",
+                "model.optimizer.lr=0.01",
+                *overrides,
+            ],
+        )
+    L.seed_everything(0)
+    return instantiate_as_capsnets(cfg.data, _convert_="all"), instantiate_as_capsnets(cfg.model, _convert_="all")
+
+
+class LRs(L.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.values.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def lrs(*overrides: str, epochs: int | None = 2, max_steps: int = -1) -> list[float]:
+    dm, model = build(*overrides)
+    seen = LRs()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[seen],
+    )
+    trainer.fit(model, datamodule=dm)
+    return seen.values
+
+
+def test_cosine_decays_to_the_final_fraction_over_the_planned_run():
+    got = lrs("model.scheduler.name=cosine", "model.scheduler.final_fraction=0.1")
+    total = 2 * STEPS_PER_EPOCH
+    want = [0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / total))) for t in range(total)]
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_exponential_decays_per_sample_seen():
+    got = lrs("model.scheduler.name=exponential", "model.scheduler.decay_rate=0.5", "model.scheduler.decay_samples=64")
+    assert got == pytest.approx([0.01 * 0.5 ** (32 * t / 64) for t in range(2 * STEPS_PER_EPOCH)], rel=1e-6)
+
+
+def test_cosine_needs_a_planned_length():
+    with pytest.raises(ConfigError, match="model.scheduler.name=cosine decays over the planned run"):
+        lrs("model.scheduler.name=cosine", epochs=-1)
+    with pytest.raises(ConfigError, match="model.scheduler.final_fraction"):
+        build("model.scheduler.name=cosine", "model.scheduler.final_fraction=2")
