@@ -23,6 +23,7 @@ from capsnets.callbacks.interruption import Interruption, interruption_of
 from capsnets.callbacks.learning_curve import LearningCurve
 from capsnets.callbacks.nonfinite import NonFiniteGuard
 from capsnets.checkpoints import check_finite, check_weights, read_checkpoint
+from capsnets.config_checks import check_config, runtime_choices
 from capsnets.errors import ConfigError, exit_on_error
 from capsnets.registry import resolve
 from capsnets.results.record import metric_value, scalar_metrics, write_record
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train (and test) as configured; returns every scalar metric logged."""
+    check_config(cfg, choices=runtime_choices(cfg), config_dir=CONFIG_DIR)
     check_model_config(cfg.model)
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)

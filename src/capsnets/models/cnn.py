@@ -5,7 +5,7 @@ The networks are in :mod:`capsnets.nets.cnn`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,6 +18,9 @@ from capsnets.utils.validation import require_choice
 @register_model
 class CNNModule(CapsuleClassifier):
     """LightningModule for the CNN baselines: cross-entropy on the logits; class score = softmax."""
+
+    network = BaselineCNN  # the plain nn.Module built from model.net (its constructor types model.net.*)
+    net_settings: ClassVar[dict[str, type]] = {"architecture": str}  # model.net keys the module itself reads
 
     def __init__(self, *, net: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
         super().__init__(num_classes=net["num_classes"], optimizer=optimizer, scheduler=scheduler)

@@ -22,6 +22,8 @@ class DRCapsModule(CapsuleClassifier):
     routing for DigitCaps.
     """
 
+    network = CapsNet  # the plain nn.Module built from model.net (its constructor types model.net.*)
+
     capsule_kind = "vector"
     class_layer = "digit"
 

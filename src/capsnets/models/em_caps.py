@@ -27,6 +27,8 @@ class EMCapsModule(CapsuleClassifier):
     ablation. ``routing`` (``model.routing``) is any matrix-capsule routing.
     """
 
+    network = EMCapsNet  # the plain nn.Module built from model.net (its constructor types model.net.*)
+
     capsule_kind = "matrix"
     class_layer = "classes"
 
