@@ -47,6 +47,9 @@ def interrupt(args: list[str], signum: int, ready: Path) -> subprocess.Completed
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell starts background jobs (CI, nohup) with SIGINT ignored, and Python keeps an inherited
+        # "ignore": give the child the default disposition, as a terminal does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
