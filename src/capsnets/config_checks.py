@@ -32,6 +32,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from capsnets.errors import ConfigError
+from capsnets.utils.validation import require_bool, require_choice, require_int, require_range
 
 # optional config groups whose misspelled option Hydra would silently drop
 OPTIONAL_GROUPS = ("experiment", "debug", "hparams_search")
@@ -115,27 +116,6 @@ def check_types(prefix: str, values: Mapping[str, Any], hints: Mapping[str, Any]
             )
 
 
-# --------------------------------------------------------------------------- single rules
-def _bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}. Fix: {key}=true or {key}=false.")
-
-
-def _number(key: str, value: Any, low: float, high: float, *, integer: bool = False) -> None:
-    kind = "an integer" if integer else "a number"
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not (low <= value <= high) or (not integer and math.isnan(value)):
-        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise ConfigError(f"{key} must be {kind} {bounds}, got {value!r}. Fix: {key}=<{kind} {bounds}>.")
-
-
-def _choice(key: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" Did you mean {key}={close[0]}?" if close else ""
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}.{hint}")
-
-
 # --------------------------------------------------------------------------- groups
 def check_optional_groups(choices: Mapping[str, Any] | None, config_dir: Path) -> None:
     """An option of an optional group that has no file is an error (Hydra would drop it silently)."""
@@ -156,14 +136,14 @@ def check_optional_groups(choices: Mapping[str, Any] | None, config_dir: Path) -
 def check_top_level(cfg: DictConfig) -> None:
     for key in ("train", "test"):
         if key in cfg:
-            _bool(key, cfg[key])
+            require_bool(key, cfg[key])
     seed = cfg.get("seed")
     if seed is not None:
-        _number("seed", seed, 0, 2**32 - 1, integer=True)
+        require_int("seed", seed, minimum=0, maximum=2**32 - 1)
     if "nonfinite" in cfg:
-        _choice("nonfinite", cfg.nonfinite, ("stop", "skip"))
+        require_choice("nonfinite", cfg.nonfinite, ("stop", "skip"))
     if "nonfinite_max_skips" in cfg:
-        _number("nonfinite_max_skips", cfg.nonfinite_max_skips, 1, math.inf, integer=True)
+        require_int("nonfinite_max_skips", cfg.nonfinite_max_skips)
     if cfg.get("train") is False and cfg.get("test", True) and not cfg.get("ckpt_path"):
         raise ConfigError(
             "train=false tests a model without training it, but no ckpt_path is given: it would score random "
@@ -172,8 +152,7 @@ def check_top_level(cfg: DictConfig) -> None:
     metric = cfg.get("optimized_metric")
     if metric is not None:
         known = ("val/acc", "val/loss", "train/acc", "train/loss", "test/acc", "test/loss")
-        if metric not in known:
-            _choice("optimized_metric", metric, known)
+        require_choice("optimized_metric", metric, known)
 
 
 def check_data(cfg: DictConfig) -> type | None:
@@ -225,8 +204,8 @@ def check_model(cfg: DictConfig) -> None:
     loss = model.get("loss")
     if isinstance(loss, DictConfig):
         if "m_plus" in loss and "m_minus" in loss:
-            _number("model.loss.m_plus", loss.m_plus, 0.0, 1.0)
-            _number("model.loss.m_minus", loss.m_minus, 0.0, 1.0)
+            require_range("model.loss.m_plus", loss.m_plus, 0.0, 1.0)
+            require_range("model.loss.m_minus", loss.m_minus, 0.0, 1.0)
             if loss.m_plus <= loss.m_minus:
                 raise ConfigError(
                     f"model.loss.m_plus={loss.m_plus} must be larger than model.loss.m_minus={loss.m_minus} "
@@ -234,14 +213,16 @@ def check_model(cfg: DictConfig) -> None:
                     f"Fix: the paper's model.loss.m_plus=0.9 model.loss.m_minus=0.1."
                 )
         if "down_weight" in loss:
-            _number("model.loss.down_weight", loss.down_weight, 0.0, math.inf)
+            require_range("model.loss.down_weight", loss.down_weight, 0.0, math.inf)
         schedule = loss.get("margin_schedule")
         if isinstance(schedule, DictConfig):
             if "schedule" in schedule:
-                _choice("model.loss.margin_schedule.schedule", schedule.schedule, ("linear", "sigmoid", "constant"))
+                require_choice(
+                    "model.loss.margin_schedule.schedule", schedule.schedule, ("linear", "sigmoid", "constant")
+                )
             for key in ("start", "end"):
                 if key in schedule:
-                    _number(f"model.loss.margin_schedule.{key}", schedule[key], 0.0, 1.0)
+                    require_range(f"model.loss.margin_schedule.{key}", schedule[key], 0.0, 1.0)
             if "start" in schedule and "end" in schedule and schedule.start > schedule.end:
                 raise ConfigError(
                     f"model.loss.margin_schedule: start={schedule.start} > end={schedule.end}, a decreasing "
@@ -276,9 +257,9 @@ def check_trainer(cfg: DictConfig) -> None:
     for key in ("max_epochs", "min_epochs"):
         value = trainer.get(key)
         if value is not None:
-            _number(f"trainer.{key}", value, -1, math.inf, integer=True)
+            require_int(f"trainer.{key}", value, minimum=-1)
     if trainer.get("accumulate_grad_batches") is not None:
-        _number("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches, 1, math.inf, integer=True)
+        require_int("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches)
     interval = trainer.get("val_check_interval")
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0):
         raise ConfigError(
@@ -286,17 +267,17 @@ def check_trainer(cfg: DictConfig) -> None:
             f"got {interval!r}. Fix: trainer.val_check_interval=1.0 (once per epoch)."
         )
     if trainer.get("log_every_n_steps") is not None:
-        _number("trainer.log_every_n_steps", trainer.log_every_n_steps, 1, math.inf, integer=True)
+        require_int("trainer.log_every_n_steps", trainer.log_every_n_steps)
     check_every = trainer.get("check_val_every_n_epoch")
     if check_every is not None:
-        _number("trainer.check_val_every_n_epoch", check_every, 1, math.inf, integer=True)
+        require_int("trainer.check_val_every_n_epoch", check_every)
     for key in ("deterministic", "sync_batchnorm", "enable_checkpointing", "enable_progress_bar"):
         if (
             key in trainer
             and not isinstance(trainer[key], bool)
             and not (key == "deterministic" and trainer[key] == "warn")
         ):
-            _bool(f"trainer.{key}", trainer[key])
+            require_bool(f"trainer.{key}", trainer[key])
 
 
 def check_config(cfg: DictConfig, *, choices: Mapping[str, Any] | None = None, config_dir: Path | None = None) -> None:

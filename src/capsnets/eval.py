@@ -25,7 +25,6 @@ overwrite each other, and re-running one setting replaces its file.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import capsnets
 from capsnets.checkpoints import check_finite, check_weights, read_checkpoint
+from capsnets.config_checks import constructor_hints
 from capsnets.data.base import EVAL_SPLITS
 from capsnets.errors import ConfigError, exit_on_error
 from capsnets.registry import resolve
@@ -87,20 +87,6 @@ def load_checkpoint(ckpt_path: str) -> tuple[LightningModule, dict[str, Any]]:
     model.load_state_dict(checkpoint["state_dict"])
     model.samples_seen = int(meta.get("samples_seen", 0))
     return model, {**meta, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
-
-
-def constructor_keys(cls: type) -> set[str]:
-    """Keyword arguments ``cls`` accepts, following ``**kwargs`` up the class hierarchy
-    (e.g. FashionMNISTDataModule forwards them to MNISTDataModule)."""
-    keys: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters.values()
-        keys |= {p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return keys
 
 
 # --------------------------------------------------------------------------- settings
@@ -152,7 +138,7 @@ def data_source(cfg: DictConfig, meta: dict[str, Any], ckpt_path: str) -> tuple[
 
 def check_overrides(cls: type, overrides: dict[str, Any]) -> None:
     """ConfigError naming the problem and the fix for settings ``cls`` does not have (before any data is read)."""
-    valid = constructor_keys(cls)
+    valid = set(constructor_hints(cls))  # keyword arguments cls accepts, following **kwargs up its bases
     if "test_crops" in overrides and "test_crops" not in valid:
         raise ConfigError(
             f"test_crops={overrides['test_crops']}: {cls.__name__} has no multi-crop testing (only smallNORB does, "

@@ -62,12 +62,14 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # gradients are already all-reduced under DDP, so every rank reaches the same verdict
-        bad = [
-            name
-            for name, p in pl_module.named_parameters()
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        ]
-        if self._loss_finite and not bad:
+        named = [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
+        # one device sync per step: a tensor's norm is non-finite iff it holds a NaN or an Inf
+        norms = torch.stack(torch._foreach_norm([g for _, g in named])) if named else torch.zeros(0)
+        if self._loss_finite and bool(torch.isfinite(norms).all()):
+            self.consecutive = 0
+            return
+        bad = [name for (name, g) in named if not bool(torch.isfinite(g).all())]
+        if self._loss_finite and not bad:  # a norm can overflow on huge but finite gradients
             self.consecutive = 0
             return
         for p in pl_module.parameters():  # never apply this update

@@ -6,6 +6,7 @@ received and the allowed range, so the fix is obvious from the command line.
 
 from __future__ import annotations
 
+import difflib
 import math
 from numbers import Integral, Real
 from typing import Any
@@ -13,11 +14,20 @@ from typing import Any
 from capsnets.errors import ConfigError
 
 
-def require_int(key: str, value: Any, *, minimum: int = 1) -> int:
-    """Return ``value`` as int if it is an integer >= ``minimum``, else raise ConfigError."""
+def require_int(key: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """Return ``value`` as int if it is an integer in [``minimum``, ``maximum``], else raise ConfigError."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}. Fix: pass {key}=<int >= {minimum}>.")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key} must be an integer in [{minimum}, {maximum}], got {value!r}.")
     return int(value)
+
+
+def require_bool(key: str, value: Any) -> bool:
+    """Return ``value`` if it is a real boolean (a string such as ``no`` is not), else raise ConfigError."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}. Fix: {key}=true or {key}=false.")
+    return value
 
 
 def require_positive(key: str, value: Any) -> float:
@@ -39,5 +49,7 @@ def require_range(key: str, value: Any, low: float, high: float) -> float:
 def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``choices``, else raise ConfigError listing them."""
     if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}.")
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" Did you mean {key}={close[0]}?" if close else ""
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}.{hint}")
     return value
