@@ -222,3 +222,16 @@ class Probe(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar, model summary or sanity check; ``kwargs`` on top."""
+    settings = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return L.Trainer(**{**settings, **kwargs})

@@ -12,7 +12,7 @@ from capsnets.callbacks import LearningCurve
 from capsnets.errors import ConfigError
 from capsnets.utils.resolvers import CONFIG_DIR
 
-from helpers import SMALL_DR_CAPS
+from helpers import SMALL_DR_CAPS, quiet_trainer
 
 
 def build(*overrides: str):
@@ -34,17 +34,7 @@ def build(*overrides: str):
 
 
 def fit(tmp_path, dm, model, curve: LearningCurve, epochs: int = 2) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=[curve],
-    )
+    trainer = quiet_trainer(max_epochs=epochs, default_root_dir=tmp_path, callbacks=[curve])
     trainer.fit(model, datamodule=dm)
     return trainer
 

@@ -15,7 +15,7 @@ from capsnets.callbacks import NonFiniteError, NonFiniteGuard
 from capsnets.errors import ConfigError
 from capsnets.utils.resolvers import CONFIG_DIR
 
-from helpers import SMALL_DR_CAPS, run_cli
+from helpers import SMALL_DR_CAPS, quiet_trainer, run_cli
 
 SYNTHETIC = ["data=synthetic", "data.num_train=192", "data.num_val=32", "data.num_test=32", "data.batch_size=32"]
 
@@ -50,17 +50,7 @@ class PoisonBatches(L.Callback):
 
 def fit(tmp_path, guard: NonFiniteGuard, poison: PoisonBatches, epochs: int = 1) -> L.Trainer:  # noqa: ANN001
     dm, model = build()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        callbacks=[poison, guard],
-    )
+    trainer = quiet_trainer(max_epochs=epochs, default_root_dir=tmp_path, callbacks=[poison, guard])
     trainer.fit(model, datamodule=dm)
     return trainer
 

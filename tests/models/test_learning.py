@@ -9,7 +9,7 @@ from capsnets.data import SyntheticDataModule
 from capsnets.models import DRCapsModule, EMCapsModule
 from capsnets.utils.resolvers import CONFIG_DIR
 
-from helpers import write_shapes_smallnorb
+from helpers import quiet_trainer, write_shapes_smallnorb
 
 STEPS_EM = 64
 
@@ -101,16 +101,7 @@ def test_em_caps_small_defaults_learn_shapes_in_smallnorb_files(tmp_path):
         )
     L.seed_everything(1)
     dm, model = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model, _convert_="all")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_epochs=3, limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
     acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     assert acc >= 0.6, f"test accuracy {acc:.3f} after 3 epochs (chance 0.2)"

@@ -12,7 +12,7 @@ from capsnets.errors import ConfigError
 from capsnets.utils.instantiate import build as instantiate_as_capsnets
 from capsnets.utils.resolvers import CONFIG_DIR
 
-from helpers import SMALL_DR_CAPS
+from helpers import SMALL_DR_CAPS, quiet_trainer
 
 STEPS_PER_EPOCH = 3
 
@@ -48,18 +48,7 @@ class LRs(L.Callback):
 def lrs(*overrides: str, epochs: int | None = 2, max_steps: int = -1) -> list[float]:
     dm, model = build(*overrides)
     seen = LRs()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[seen],
-    )
+    trainer = quiet_trainer(max_epochs=epochs, max_steps=max_steps, limit_val_batches=0, callbacks=[seen])
     trainer.fit(model, datamodule=dm)
     return seen.values
 
