@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--num-classes", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=3, help="EM routing iterations")
-    parser.add_argument("--moment-dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--moment-dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

@@ -142,7 +142,7 @@ def test_em_learning_rows_compose_with_the_preset_and_record_curves(row):
     expected = {"em_caps_small_paper": "covering", "em_caps_small_release": "type"}.get(row)
     if expected:
         assert {r.normalisation for r in routing_layers(module.net).values()} == {expected}
-    if row.startswith("em_"):  # every EM row routes with the same float32 moments
+    if row.startswith("em_"):  # every EM row routes with the default float32 votes
         assert {r.moment_dtype for r in routing_layers(module.net).values()} == {"float32"}
     assert type(module).__name__ == {"dr_caps": "DRCapsModule", "cnn_hinton2018": "CNNModule"}.get(row, "EMCapsModule")
 

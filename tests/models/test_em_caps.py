@@ -139,7 +139,7 @@ def test_routing_config_reaches_every_routing_layer():
     assert [r.role for r in layers] == ["hidden", "hidden", "class"]
     assert len({id(r.beta_a) for r in layers}) == 3  # each layer its own learned betas
     default = EMCapsNet(**NORB, **TINY).caps1.routing
-    assert (default.name, default.impl, default.moment_dtype) == ("em", "fused", "float64")  # fast and exact by default
+    assert (default.name, default.impl, default.moment_dtype) == ("em", "fused", "float32")  # fast and exact by default
     with pytest.raises(ConfigError, match="model.routing.moment_dtype"):
         EMCapsNet(**NORB, **TINY, routing={"name": "em", "moment_dtype": "float16"})
     with pytest.raises(ConfigError, match="does not support matrix capsules"):

@@ -125,7 +125,9 @@ class EMRoutingBase(Routing):
         eps: guards ``sum_i R_ij`` of parents that receive no data.
         normalisation: how the E-step normalises a child over its parents in a convolutional
             layer: ``covering`` (paper), ``type`` (authors' release) or ``patch`` (see ``layout.py``).
-        moment_dtype: ``float32`` or ``float64`` arithmetic of the routing (outputs keep the votes' dtype).
+        moment_dtype: ``float32`` or ``float64``, the dtype of the vote-sized tensors (outputs keep the votes'
+            dtype). ``impl: fused`` keeps its per-parent statistics in float64 and re-centres the votes on each
+            M-step's mean, so float32 matches float64 to ~1e-6 (tests); ``impl: reference`` computes plainly.
         log_variance, beta_u_scale, beta_a_scale, mean_smoothing: the release's way of writing the
             M-step (:class:`EMVariant`; defaults: the paper's).
         detach_assignments: treat each E-step's assignments as constants in back-propagation (the
@@ -146,7 +148,7 @@ class EMRoutingBase(Routing):
         var_floor: float = 0.0005,
         eps: float = 1e-8,
         normalisation: str = "covering",
-        moment_dtype: str = "float64",
+        moment_dtype: str = "float32",
         log_variance: bool = False,
         beta_u_scale: float = 1.0,
         beta_a_scale: float = 1.0,

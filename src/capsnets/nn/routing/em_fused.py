@@ -1,26 +1,33 @@
-"""EM routing, fused (``impl: fused``): Procedure 1 with as few passes over the votes as possible.
+"""EM routing, fused (``impl: fused``): Procedure 1 with as few passes over the votes as possible, exact in float32.
 
 The same mathematics as the readable :mod:`capsnets.nn.routing.em` (tests assert equal values
 and gradients), organised for memory traffic: EM routing is memory-bound on the vote-sized
 tensors (em_caps' ConvCaps1 holds ~5.3M vote elements per image), so they are touched as few
 times as possible. Internally every parent j = (b, p, o) owns a contiguous block of its
-N = K * T_in votes: G = B * P * T_out parents, R laid out (B, P, T_out, K, T_in).
+N = K * T_in votes: G = B * P * T_out parents, votes laid out (G, N, D), R as (B, P, T_out, K, T_in).
 
-**The two moment identities.** The votes are centred once, ``V' = V - c`` with c any constant
-per parent (here the plain mean of its votes, which keeps cancellation small), and stored side
-by side with their squares as ``X = [V' | V'^2]`` (G, N, 2D). With ``w_i = R_ij / sum_i R_ij``
-(summing to ``m``: 1, or 0 for a parent without data) every step is one contraction of X:
+**Votes.** One copy of the votes in the parents' layout, ``U = V - c0`` (G, N, D), with ``c0`` the
+plain mean of each parent's votes (a constant: it only keeps ``U`` small, so that float32 sums of
+``U`` lose digits relative to the spread of the votes, not to their size).
 
-1. M-step. ``E[V'] = sum_i w_i V'_i`` and ``E[V'^2] = sum_i w_i V'^2_i`` give
-   ``mu - c = E[V'] - (1 - m) c`` (so ``mu = sum_i w_i V_i`` exactly) and
-   ``sigma^2 = sum_i w_i (V'_i - (mu - c))^2 = E[V'^2] - 2 (mu - c) E[V'] + m (mu - c)^2``.
-2. E-step. ``sum_h (V_h - mu_h)^2 / sigma_h^2 = sum_h (V'^2_h - 2 V'_h (mu_h - c_h)) / sigma_h^2
-   + sum_h (mu_h - c_h)^2 / sigma_h^2``: one contraction of X with ``[-2 (mu - c) / sigma^2 | 1 / sigma^2]``
-   plus a per-parent constant; nothing vote-sized is formed per iteration.
+**M-step, in two passes** (``w_i = R_ij a_i / sum_i R_ij a_i``, summing to ``m``: 1, or 0 for a
+parent without data):
 
-Float32 moments lose about ``2^-24 ((mu - c) / sigma)^2`` to cancellation (a tight cluster of large
-votes far from their plain mean); ``moment_dtype: float64`` is exact there at about twice the cost.
-The custom autograd functions below make the backward pass write one vote-sized gradient in all.
+1. the mean ``E[U] = sum_i w_i U_i`` (one contraction of U), ``mu = c0 m + E[U]`` (smoothed as the
+   variant asks), rounded to the votes' dtype as a constant centre ``c``;
+2. the votes' squared distances from it, ``Q = (U - c)^2`` (one elementwise pass), and
+   ``sigma^2 = sum_i w_i (U_i - (mu - c0))^2 = E[Q] - 2 (mu - c0 - c) (E[U] - m c) + m (mu - c0 - c)^2``,
+   exact for any constant c; with c the rounded mean the last two terms are rounding-sized, so nothing
+   cancels: float32 votes give float32-accurate variances even for a tight cluster far from the plain
+   mean (centring once, on the plain mean, lost ``2^-24 ((mu - c0) / sigma)^2`` of the variance).
+
+**E-step.** ``sum_h (V_h - mu_h)^2 / sigma_h^2 = sum_h Q_h / sigma_h^2 + sum_h U_h f_h + const`` with
+``f = -2 (mu - c0 - c) / sigma^2``: two contractions (U with f, Q with ``1 / sigma^2``) and a per-parent
+constant; nothing vote-sized is formed per E-step.
+
+Per-parent statistics (means, variances, activations, assignments: at most 1/D of the votes' size) are
+kept in float64 whatever ``moment_dtype`` is, so only the vote-sized tensors run in ``moment_dtype``.
+The custom autograd functions below make the backward pass write the vote gradient once.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from capsnets.nn.routing.base import RoutingResult, RoutingTrace, register_routing
-from capsnets.nn.routing.em import PAPER, EMRoutingBase, EMVariant, activation_logits
+from capsnets.nn.routing.em import PAPER, EMRoutingBase, EMVariant, activation_logits, smoothed_mean
 from capsnets.nn.routing.layout import ChildLayout
+
+STATS = torch.float64  # the per-parent statistics' dtype
 
 
 def first_order_only(backward):
@@ -53,101 +62,121 @@ def first_order_only(backward):
     return checked
 
 
-class CentredVotes(torch.autograd.Function):
-    """``X = [V' | V'^2]`` (G, N, 2D) with ``V' = V - c``, written once per forward in ``dtype``.
+class ParentVotes(torch.autograd.Function):
+    """``U = V - c0`` (G, N, D) in ``dtype``: the votes copied once into the parents' layout, ``c0`` (G, D) the
+    plain mean of each parent's votes (a constant, no gradient).
 
-    ``c`` (B, P, T_out, D) is the plain mean of each parent's votes, a constant (no gradient):
-    mu and sigma_sq are rebuilt from E[V'] and E[V'^2] exactly for any c (see ``m_step``); c
-    only keeps the cancellation in ``E[V'^2] - E[V']^2`` small. Every later use of X is a
-    contraction with a small operand (``ChildSum``, ``PoseSum``), whose gradient with respect
-    to X is an outer product ``left (G, N) x right (G, 2D)``. Each use hands its two factors
-    back as the gradients of its own pair of ``tokens``, and the backward here sums them in one
-    bmm: one vote-sized gradient in all, instead of one per use plus an accumulation each.
+    Every later use of U (directly, or through ``Q = (U - c)^2``) is a contraction with a small operand, whose
+    gradient with respect to U is ``left (G, N) x right (G, D)``, or for Q ``2 (U - c) * (left x right)``
+    ``= U * (left x 2 right) + left x (-2 c right)``. Each use hands its factors back as the gradients of its
+    ``tokens``: ``plain`` pairs (their products sum) and ``scaled`` pairs (their products sum, times U), and
+    the backward here forms dL/dU with two bmm's, and writes dL/dV once, in V's own strides.
     """
 
     @staticmethod
-    def forward(ctx, V: torch.Tensor, uses: int, dtype: torch.dtype):  # type: ignore[override]
+    def forward(ctx, V: torch.Tensor, plain: int, scaled: int, dtype: torch.dtype):  # type: ignore[override]
         b, p, k, t_in, t_out, d = V.shape
-        ctx.set_materialize_grads(False)  # X and c get no gradient: never allocate zeros for them
+        ctx.set_materialize_grads(False)  # U and c0 get no gradient: never allocate zeros for them
         V_par = V.permute(0, 1, 4, 2, 3, 5)  # (B, P, T_out, K, T_in, D), a view
-        c = V_par.mean(dim=(3, 4), keepdim=True).to(dtype)  # (B, P, T_out, 1, 1, D)
-        X = V.new_empty(b, p, t_out, k, t_in, 2, d, dtype=dtype)  # [V' | V'^2] of each vote side by side
-        torch.sub(V_par, c, out=X.select(5, 0))  # one pass: centres and lays out each parent's votes contiguously
-        torch.mul(X.select(5, 0), X.select(5, 0), out=X.select(5, 1))
-        X = X.view(b * p * t_out, k * t_in, -1)  # (G, N, 2D)
-        c = c.view(b, p, t_out, d)
-        ctx.save_for_backward(X)
+        c0 = V_par.mean(dim=(3, 4), keepdim=True).to(dtype)  # (B, P, T_out, 1, 1, D), the centre U is formed with
+        U = V.new_empty(b, p, t_out, k, t_in, d, dtype=dtype)
+        torch.sub(V_par if dtype == V.dtype else V_par.to(dtype), c0, out=U)  # one pass: centres, lays out
+        U = U.view(b * p * t_out, k * t_in, d)  # (G, N, D)
+        c0 = c0.to(STATS).view(b * p * t_out, d)
+        ctx.save_for_backward(U)
+        ctx.plain = plain
         ctx.layout = torch.empty_like(V, device="meta")  # V's shape, strides and dtype, without keeping V alive
-        ctx.mark_non_differentiable(X, c)
-        # distinct (G, N) and (G, 2D) tokens for each use (shared ones would sum factors before the product)
-        tokens = [X.new_zeros(()).expand(X.shape[0], X.shape[1 + i % 2]) for i in range(2 * uses)]
-        return (X, c, *tokens)
+        ctx.mark_non_differentiable(U, c0)
+        # distinct (G, N) and (G, D) tokens for each use (shared ones would sum factors before the product)
+        tokens = [U.new_zeros(()).expand(U.shape[0], U.shape[1 + i % 2]) for i in range(2 * (plain + scaled))]
+        return (U, c0, *tokens)
 
     @staticmethod
     @first_order_only
-    def backward(ctx, _dX, _dc, *token_grads):  # type: ignore[override]
-        pairs = [(left, right) for left, right in zip(token_grads[::2], token_grads[1::2]) if left is not None]
-        if not pairs:
-            return None, None, None
-        (X,) = ctx.saved_tensors
-        left = torch.stack([left for left, _ in pairs], dim=1)  # (G, uses, N): stacking on dim 2 copies slowly
-        right = torch.stack([right for _, right in pairs], dim=1)  # (G, uses, 2D)
-        dX = torch.bmm(left.transpose(1, 2), right)  # (G, N, 2D)
+    def backward(ctx, _dU, _dc0, *token_grads):  # type: ignore[override]
+        (U,) = ctx.saved_tensors
+
+        def product(grads):  # sum over the uses of left x right, (G, N, D), or None
+            pairs = [(left, right) for left, right in zip(grads[::2], grads[1::2]) if left is not None]
+            if not pairs:
+                return None
+            left = torch.stack([left for left, _ in pairs], dim=1)  # (G, uses, N): stacking on dim 2 copies slowly
+            right = torch.stack([right for _, right in pairs], dim=1)  # (G, uses, D)
+            return torch.bmm(left.transpose(1, 2), right)
+
+        dU = product(token_grads[: 2 * ctx.plain])
+        scaled = product(token_grads[2 * ctx.plain :])
+        if scaled is not None:
+            dU = torch.mul(U, scaled) if dU is None else dU.addcmul_(U, scaled)
+        if dU is None:
+            return None, None, None, None
         layout = ctx.layout
         b, p, k, t_in, t_out, d = layout.shape
         # V's own strides, so that the backward of the vote einsum needs no copy
-        dV = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=X.device)
-        dV_par = dV.permute(0, 1, 4, 2, 3, 5)  # (B, P, T_out, K, T_in, D)
-        dX, X = (x.view(b, p, t_out, k, t_in, 2, d) for x in (dX, X))
-        # dL/dV = dL/dV' + 2 V' dL/dV'^2 (c is a constant)
-        if dV.dtype == dX.dtype:
-            torch.addcmul(dX.select(5, 0), X.select(5, 0), dX.select(5, 1), value=2.0, out=dV_par)
-        else:
-            dV_par.copy_(dX.select(5, 0).addcmul_(X.select(5, 0), dX.select(5, 1), value=2.0))
-        return dV, None, None
+        dV = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=U.device)
+        dV.permute(0, 1, 4, 2, 3, 5).copy_(dU.view(b, p, t_out, k, t_in, d))
+        return dV, None, None, None
 
 
-class ChildSum(torch.autograd.Function):
-    """M-step contraction ``S[g] = sum_n w[g, n] X[g, n]``: (G, N) -> (G, 2D).
-
-    ``tokens``: this use's pair from ``CentredVotes``; their gradients are the factors of dL/dX.
-    """
+class VoteSum(torch.autograd.Function):
+    """M-step mean ``S[g] = sum_n w[g, n] U[g, n]``: (G, N) -> (G, D); one plain token pair."""
 
     @staticmethod
-    def forward(ctx, X: torch.Tensor, token_n: torch.Tensor, token_2d: torch.Tensor, w: torch.Tensor):  # type: ignore[override]
-        ctx.save_for_backward(X, w)
-        return torch.bmm(w.unsqueeze(1), X).squeeze(1)  # (G, 1, N) @ (G, N, 2D) -> (G, 2D)
+    def forward(ctx, U: torch.Tensor, token_n: torch.Tensor, token_d: torch.Tensor, w: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(U, w)
+        return torch.bmm(w.unsqueeze(1), U).squeeze(1)  # (G, 1, N) @ (G, N, D) -> (G, D)
 
     @staticmethod
     @first_order_only
     def backward(ctx, dS):  # type: ignore[override]
-        X, w = ctx.saved_tensors
-        # (G, 1, 2D) @ (G, 2D, N): reads X faster than (G, N, 2D) @ (G, 2D, 1)
-        dw = torch.bmm(dS.unsqueeze(1), X.transpose(1, 2)).squeeze(1) if ctx.needs_input_grad[3] else None  # (G, N)
-        return None, w, dS, dw  # dL/dX = w x dS
+        U, w = ctx.saved_tensors
+        # (G, 1, D) @ (G, D, N): reads U faster than (G, N, D) @ (G, D, 1)
+        dw = torch.bmm(dS.unsqueeze(1), U.transpose(1, 2)).squeeze(1) if ctx.needs_input_grad[3] else None
+        return None, w, dS, dw  # dL/dU = w x dS
+
+
+class SquareSum(torch.autograd.Function):
+    """M-step second moment ``S[g] = sum_n w[g, n] Q[g, n]`` with ``Q = (U - c)^2`` (c a constant): (G, N) -> (G, D);
+    one plain and one scaled token pair (``dL/dU = 2 (U - c) * (w x dS)``)."""
+
+    @staticmethod
+    def forward(ctx, Q, c, plain_n, plain_d, scaled_n, scaled_d, w):  # type: ignore[override]
+        ctx.save_for_backward(Q, c, w)
+        return torch.bmm(w.unsqueeze(1), Q).squeeze(1)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, dS):  # type: ignore[override]
+        Q, c, w = ctx.saved_tensors
+        dw = torch.bmm(dS.unsqueeze(1), Q.transpose(1, 2)).squeeze(1) if ctx.needs_input_grad[6] else None
+        return None, None, w, -2.0 * c * dS, w, 2.0 * dS, dw
 
 
 class PoseSum(torch.autograd.Function):
-    """E-step contraction ``q[g, n] = sum_h X[g, n, h] f[g, h]`` over the 2D elements: (G, 2D) -> (G, N)."""
+    """E-step contraction ``q[g, n] = sum_h U[g, n, h] f1[g, h] + Q[g, n, h] f2[g, h]`` with ``Q = (U - c)^2``:
+    (G, D) x 2 -> (G, N); one plain and one scaled token pair."""
 
     @staticmethod
-    def forward(ctx, X: torch.Tensor, token_n: torch.Tensor, token_2d: torch.Tensor, f: torch.Tensor):  # type: ignore[override]
-        ctx.save_for_backward(X, f)
-        return torch.bmm(f.unsqueeze(1), X.transpose(1, 2)).squeeze(1)  # (G, 1, 2D) @ (G, 2D, N) -> (G, N)
+    def forward(ctx, U, Q, c, plain_n, plain_d, scaled_n, scaled_d, f1, f2):  # type: ignore[override]
+        ctx.save_for_backward(U, Q, c, f1, f2)
+        q = torch.bmm(f1.unsqueeze(1), U.transpose(1, 2))  # (G, 1, D) @ (G, D, N) -> (G, 1, N)
+        return q.baddbmm_(f2.unsqueeze(1), Q.transpose(1, 2)).squeeze(1)
 
     @staticmethod
     @first_order_only
     def backward(ctx, dq):  # type: ignore[override]
-        X, f = ctx.saved_tensors
-        df = torch.bmm(dq.unsqueeze(1), X).squeeze(1) if ctx.needs_input_grad[3] else None  # (G, 2D)
-        return None, dq, f, df  # dL/dX = dq x f
+        U, Q, c, f1, f2 = ctx.saved_tensors
+        df1 = torch.bmm(dq.unsqueeze(1), U).squeeze(1) if ctx.needs_input_grad[7] else None  # (G, D)
+        df2 = torch.bmm(dq.unsqueeze(1), Q).squeeze(1) if ctx.needs_input_grad[8] else None
+        # dL/dU = dq x f1 + 2 (U - c) * (dq x f2)
+        return None, None, None, dq, f1 - 2.0 * c * f2, dq, 2.0 * f2, df1, df2
 
 
 def m_step(
     R: torch.Tensor,
     a_in: torch.Tensor,
-    X: torch.Tensor,
-    c: torch.Tensor,
+    U: torch.Tensor,
+    c0: torch.Tensor,
     tokens: Sequence[torch.Tensor],
     *,
     beta_u: torch.Tensor,
@@ -158,54 +187,66 @@ def m_step(
     variant: EMVariant = PAPER,
     mu_previous: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """M-step for every parent j from the centred votes X = [V' | V'^2] (identity 1 of the module docstring).
+    """M-step for every parent j in two passes over the votes U = V - c0 (module docstring).
 
-    Returns mu, sigma_sq and ``mu - c`` (B, P, T_out, D), and the logits of a_out (B, P, T_out).
-    ``mu_previous``: the previous iteration's mean, for the release's mean smoothing.
+    ``tokens``: three pairs from ``ParentVotes`` (plain for the mean, plain and scaled for the second moment).
+    ``mu_previous``: the previous iteration's mean, for the release's mean smoothing. Returns mu, sigma_sq
+    (B, P, T_out, D), the logits of a_out (B, P, T_out), and for the E-step Q (G, N, D), the centre c (G, D)
+    and ``mu - c0 - c`` (B, P, T_out, D).
     """
     b, p, t_out = R.shape[:3]
+    d = U.shape[-1]
     R = R * a_in  # R_ij <- R_ij * a_i, (B, P, T_out, K, T_in)
     sum_R = R.sum(dim=(3, 4))  # sum_i R_ij, (B, P, T_out)
     R_norm = R / (sum_R[..., None, None] + eps)  # eps keeps empty parents finite
     mass = (sum_R / (sum_R + eps))[..., None]  # sum_i R_norm_ij: 1, or 0 for an empty parent, (B, P, T_out, 1)
-    E_c, E_sq = ChildSum.apply(X, *tokens, R_norm.reshape(b * p * t_out, -1)).view(b, p, t_out, 2, -1).unbind(3)
-    # exact for any constant c: mu = sum_i R_norm V = mass c + E[V'], and
-    # sigma_sq = sum_i R_norm (V' - (mu - c))^2 = E[V'^2] - 2 (mu - c) E[V'] + mass (mu - c)^2
-    mu_c = E_c - (1 - mass) * c  # mu_j - c_j
-    if variant.mean_smoothing:  # the release: (1 - s) mu + s mu_previous (mu_previous = 0 at first), minus c
-        s = variant.mean_smoothing
-        mu_c = (1 - s) * mu_c + s * ((mu_previous - c) if mu_previous is not None else -c)
-    # (the identity holds for any mu: the variance is taken around the smoothed mean)
-    sigma_sq = E_sq - 2 * mu_c * E_c + mass * mu_c**2
+    w = R_norm.reshape(b * p * t_out, -1).to(U.dtype)  # (G, N)
+    # pass 1: E[U] = sum_i w_i U_i, mu = m c0 + E[U] (line 3), smoothed as the variant asks
+    E_U = VoteSum.apply(U, *tokens[0:2], w).to(STATS).view(b, p, t_out, d)
+    c0 = c0.view(b, p, t_out, d)
+    mu = smoothed_mean(mass * c0 + E_U, mu_previous, variant)
+    # pass 2: Q = (U - c)^2 around c = mu - c0 rounded to U's dtype, a constant; then line 4
+    c = (mu - c0).detach().to(U.dtype).view(-1, 1, d)  # (G, 1, D)
+    Q = (U - c).square_()  # (G, N, D): its gradient reaches U through SquareSum's and PoseSum's tokens
+    c = c.view(-1, d)
+    E_Q = SquareSum.apply(Q, c, *tokens[2:6], w).to(STATS).view(b, p, t_out, d)
+    delta = mu - c0 - c.to(STATS).view(b, p, t_out, d)  # mu - c0 - c: rounding-sized in value, mu's gradient
+    # sum_i w_i (U_i - c - delta)^2, exact for any constant c: E[Q] - 2 delta E[U - c] + m delta^2
+    sigma_sq = E_Q - 2 * delta * (E_U - mass * (mu - c0 - delta)) + mass * delta**2
     # straight-through clamp: rounding can land a zero variance (a parent with one child) just below 0; the
     # forward pass clamps it, the backward pass keeps the true gradient (a plain clamp would zero the
     # gradient with respect to every other child's activation there)
     sigma_sq = sigma_sq + (sigma_sq.clamp_min(0) - sigma_sq).detach() + var_floor
     logits = activation_logits(sigma_sq, sum_R, beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, variant=variant)
-    return c + mu_c, sigma_sq, mu_c, logits
+    return mu, sigma_sq, logits, Q, c, delta
 
 
 def e_step(
-    X: torch.Tensor,
+    U: torch.Tensor,
+    Q: torch.Tensor,
+    c: torch.Tensor,
     tokens: Sequence[torch.Tensor],
-    mu_c: torch.Tensor,
+    delta: torch.Tensor,
     sigma_sq: torch.Tensor,
     logits: torch.Tensor,
     layout: ChildLayout,
     normalisation: str,
     k: int,
 ) -> torch.Tensor:
-    """E-step for every child i, ``R_ij = a_j p_ij / sum_k a_k p_ik`` in the log domain (identity 2).
+    """E-step for every child i, ``R_ij = a_j p_ij / sum_k a_k p_ik`` in the log domain (module docstring).
 
-    Returns R (B, P, T_out, K, T_in).
+    ``tokens``: a plain and a scaled pair from ``ParentVotes``. Returns R (B, P, T_out, K, T_in).
     """
-    b, p, t_out, _ = mu_c.shape
+    b, p, t_out, _ = delta.shape
     inv_var = 1.0 / sigma_sq  # (B, P, T_out, D)
-    f = torch.cat([-2.0 * mu_c * inv_var, inv_var], dim=-1).view(b * p * t_out, -1)  # (G, 2D), matches [V' | V'^2]
-    mahalanobis = PoseSum.apply(X, *tokens, f).view(b, p, t_out, k, -1)  # minus the per-parent constant
+    # sum_h (U - c - delta)^2 / sigma^2 = sum_h Q / sigma^2 + sum_h U f1 + sum_h (2 c delta + delta^2) / sigma^2
+    f1 = (-2.0 * delta * inv_var).view(b * p * t_out, -1)
+    f2 = inv_var.view(b * p * t_out, -1)
+    q = PoseSum.apply(U, Q, c, *tokens, f1.to(U.dtype), f2.to(U.dtype)).to(STATS).view(b, p, t_out, k, -1)
+    c = c.to(STATS).view_as(delta)
     # log p_ij = sum_h log N(V_ij^h; mu_j^h, sigma_j^h); the parent's terms broadcast over its children
-    per_parent = (mu_c**2 * inv_var + torch.log(2 * math.pi * sigma_sq)).sum(dim=-1)  # (B, P, T_out)
-    log_p = -0.5 * (mahalanobis + per_parent[..., None, None])
+    per_parent = ((2 * c + delta) * delta * inv_var + torch.log(2 * math.pi * sigma_sq)).sum(dim=-1)  # (B, P, T_out)
+    log_p = -0.5 * (q + per_parent[..., None, None])
     log_a_p = F.logsigmoid(logits)[..., None, None] + log_p  # (B, P, T_out, K, T_in)
     # normalised over each child's parents in the routing layout (a permuted view: no copy)
     return layout.softmax(log_a_p.permute(0, 1, 3, 4, 2), over=normalisation).permute(0, 1, 4, 2, 3)
@@ -229,22 +270,26 @@ def fused_em_routing(
     """Procedure 1: ``len(lambdas)`` iterations of M-step (every parent) then E-step (every child).
 
     Args as :func:`capsnets.nn.routing.em.em_routing`; V (B, P, K, T_in, T_out, D) in any strides,
-    ``moment_dtype`` the dtype of the centred votes and of the routing arithmetic (outputs keep it).
+    ``moment_dtype`` the dtype of the vote-sized tensors (outputs are returned in it).
     """
     layout = layout if layout is not None else ChildLayout()
-    b, p, k, t_in, t_out = V.shape[:5]
-    a_in, beta_u, beta_a = (x.to(moment_dtype) for x in (a_in, beta_u, beta_a))
-    X, c, *tokens = CentredVotes.apply(V, 2 * len(lambdas) - 1, moment_dtype)  # two tokens per contraction of X
+    b, p, k, t_in, t_out, d = V.shape
+    iterations = len(lambdas)
+    a_in, beta_u, beta_a = (x.to(STATS) for x in (a_in, beta_u, beta_a))
+    # token pairs: per M-step 1 plain (mean) + 1 plain and 1 scaled (second moment); per E-step 1 + 1
+    U, c0, *tokens = ParentVotes.apply(V, 2 * iterations + (iterations - 1), 2 * iterations - 1, moment_dtype)
+    plain, scaled = tokens[: 2 * (3 * iterations - 1)], tokens[2 * (3 * iterations - 1) :]
     a_in = a_in[:, :, None]  # (B, P, 1, K, T_in), broadcast over R's T_out
-    R = layout.initial(torch.Size((b, p, k, t_in, t_out)), like=X, over=normalisation).permute(0, 1, 4, 2, 3)
+    R = layout.initial(torch.Size((b, p, k, t_in, t_out)), like=a_in, over=normalisation).permute(0, 1, 4, 2, 3)
     mu = None
     for t, lambda_ in enumerate(lambdas):
-        mu, sigma_sq, mu_c, logits = m_step(
+        m_tokens = (*plain[6 * t : 6 * t + 4], *scaled[4 * t : 4 * t + 2])
+        mu, sigma_sq, logits, Q, c, delta = m_step(
             R,
             a_in,
-            X,
-            c,
-            tokens[4 * t : 4 * t + 2],
+            U,
+            c0,
+            m_tokens,
             beta_u=beta_u,
             beta_a=beta_a,
             lambda_=lambda_,
@@ -255,11 +300,13 @@ def fused_em_routing(
         )
         if trace is not None:
             trace.record(R.permute(0, 1, 3, 4, 2), torch.sigmoid(logits))  # R as (B, P, K, T_in, T_out)
-        if t < len(lambdas) - 1:
-            R = e_step(X, tokens[4 * t + 2 : 4 * t + 4], mu_c, sigma_sq, logits, layout, normalisation, k)
+        if t < iterations - 1:
+            e_tokens = (*plain[6 * t + 4 : 6 * t + 6], *scaled[4 * t + 2 : 4 * t + 4])
+            R = e_step(U, Q, c, e_tokens, delta, sigma_sq, logits, layout, normalisation, k)
             if variant.detach_assignments:
                 R = R.detach()
-    return RoutingResult(mu, torch.sigmoid(logits), R.permute(0, 1, 3, 4, 2))
+    out = (mu, torch.sigmoid(logits), R.permute(0, 1, 3, 4, 2))
+    return RoutingResult(*(x.to(moment_dtype) for x in out))
 
 
 @register_routing("em", kinds=("matrix",), impl="fused", default=True)
