@@ -28,6 +28,7 @@ CASES = [
     ("bool_download", ["data=mnist", "data.download=no"], "data.download"),
     ("bool_pin_memory", ["data.pin_memory=1"], "data.pin_memory"),
     ("bool_test", ["test=maybe"], "test must be true or false"),
+    ("bool_multirun_fail_fast", ["multirun_fail_fast=yes"], "multirun_fail_fast must be true or false"),
     ("bool_train", ["train=yes"], "train must be true or false"),
     ("bool_deterministic", ["trainer.deterministic=sometimes"], "trainer.deterministic"),
     ("int_A", [*EM, "model.net.A=abc"], "model.net.A must be an integer"),

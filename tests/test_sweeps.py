@@ -130,3 +130,35 @@ def test_optuna_sweep_of_three_trials_maximises_the_returned_metric(cli, tmp_pat
     assert sorted(float(r["test/acc_mean"]) for r in rows) == pytest.approx(
         sorted(t["metrics"]["test/acc"] for t in trials.values())
     )
+
+
+# --- a failed job: reported, the sweep goes on, the exit code says so ---------------------------------------
+FAILING_MIDDLE = ["model.optimizer.lr=0.001,-1,0.002"]  # job 1 has an invalid learning rate
+
+
+def test_a_failed_job_is_reported_and_the_sweep_goes_on(cli, tmp_path):
+    proc = cli("train.py", "-m", *TINY_RUN, *FAILING_MIDDLE, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    sweep = tmp_path / "sweep"
+    assert proc.returncode == 2, proc.stderr[-3000:]  # not every job finished
+    for job in ("0", "2"):  # the jobs before and after the failure ran to the end
+        assert _metrics(sweep / job)["metrics"]["test/acc"] >= 0.0
+    failed = json.loads((sweep / "1" / "failed.json").read_text())
+    assert failed["job"] == 1 and "model.optimizer.lr=-1" in failed["overrides"]
+    assert "model.optimizer.lr" in failed["error"] and not (sweep / "1" / "metrics.json").exists()
+    # one line when it happened, one line in the report at the end; no traceback for a capsnets error
+    assert proc.stderr.count("model.optimizer.lr must be") == 2
+    assert "Sweep " in proc.stderr and "1 job(s) failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_multirun_fail_fast_stops_the_sweep_at_the_first_failure(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("train.py", "-m", *TINY_RUN, *FAILING_MIDDLE, "multirun_fail_fast=true", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").is_file() and (sweep / "1" / "failed.json").is_file()
+    assert not (sweep / "2").exists()  # never started
+    assert "multirun_fail_fast=true" in proc.stderr
+
+
+def test_a_sweep_whose_jobs_all_finish_exits_0(basic_sweep):
+    # the fixture asserted rc 0; no job left a failure record
+    assert not list(basic_sweep.rglob("failed.json"))

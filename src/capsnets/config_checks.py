@@ -134,7 +134,7 @@ def check_optional_groups(choices: Mapping[str, Any] | None, config_dir: Path) -
 
 
 def check_top_level(cfg: DictConfig) -> None:
-    for key in ("train", "test"):
+    for key in ("train", "test", "multirun_fail_fast"):
         if key in cfg:
             require_bool(key, cfg[key])
     seed = cfg.get("seed")
