@@ -131,3 +131,31 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path: Path, overri
 
 def test_the_table_is_large_and_covers_every_category():
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+
+
+# --- eval.py: its own settings, the trainer and the data, through the same checks, before the checkpoint is read
+EVAL_CASES = [
+    ("eval_missing_ckpt", [], "ckpt_path is required"),
+    ("eval_split_choice", ["split=tset"], "split"),
+    ("eval_crops_range", ["test_crops=0"], "test_crops"),
+    ("eval_viewpoints_split", ["split=val", "viewpoints=novel"], "viewpoints"),
+    ("eval_overrides_type", ["data_overrides=3"], "data_overrides"),
+    ("eval_seed_type", ["seed=abc"], "seed"),
+    ("eval_gpu_without_gpu", ["trainer=gpu"], "trainer=cpu"),
+    ("eval_devices", ["trainer.devices=64"], "trainer.devices"),
+    ("eval_data_type", ["data=mnist", "data.download=no"], "data.download"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", [c[1:] for c in EVAL_CASES], ids=[c[0] for c in EVAL_CASES])
+def test_bad_eval_config_is_refused_before_the_checkpoint_is_read(tmp_path: Path, overrides: list[str], key: str):
+    from capsnets.eval import evaluate
+
+    # a path that does not exist: every case must be refused before eval.py looks at it
+    ckpt = [] if "missing" in key or key == "ckpt_path is required" else [f"ckpt_path={tmp_path / 'absent.ckpt'}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[*ckpt, *overrides, "logger=csv"], return_hydra_config=True)
+    with pytest.raises(ConfigError) as info:
+        evaluate(cfg)
+    assert key in str(info.value), str(info.value)
+    assert "absent.ckpt" not in str(info.value)  # not the checkpoint's problem: the setting's

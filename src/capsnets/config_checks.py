@@ -14,7 +14,9 @@ read them (``typing.get_type_hints``), so a new setting is typed the moment it i
 
 Every problem is a :class:`~capsnets.errors.ConfigError` naming the key, the value, what is allowed
 and the override that fixes it; ``train.py`` / ``eval.py`` print it as one line and exit with code 2.
-The constructors keep their own range checks for direct (non-Hydra) use.
+``check_config`` checks a ``train.py`` config, ``check_eval_config`` an ``eval.py`` one. The constructors
+keep their own range checks for direct (non-Hydra) use; both layers call the same ``utils.validation``
+helpers, so a value is refused with the same message wherever it is set.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from capsnets.data.base import EVAL_SPLITS
 from capsnets.errors import ConfigError
 from capsnets.utils.validation import require_bool, require_choice, require_int, require_range
 
@@ -288,6 +291,56 @@ def check_config(cfg: DictConfig, *, choices: Mapping[str, Any] | None = None, c
     check_data(cfg)
     check_model(cfg)
     check_trainer(cfg)
+
+
+def check_eval_config(
+    cfg: DictConfig, *, choices: Mapping[str, Any] | None = None, config_dir: Path | None = None
+) -> dict[str, Any]:
+    """Every check of a composed ``eval.py`` config that needs no file (the checkpoint is checked when it is
+    read); returns its settings as :func:`check_eval_settings` does."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.get("ckpt_path") in (None, ""):
+        raise ConfigError(
+            "ckpt_path is required. Fix: python eval.py ckpt_path=outputs/train/runs/<date>/checkpoints/last.ckpt"
+        )
+    if config_dir is not None:
+        check_optional_groups(choices, config_dir)
+    check_top_level(cfg)
+    check_data(cfg)
+    check_trainer(cfg)
+    return check_eval_settings(cfg)
+
+
+def check_eval_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Check ``split``, ``viewpoints``, ``test_crops`` and ``data_overrides`` (config only, nothing read);
+    returns them with the data overrides as one plain dict (``test_crops`` folded in)."""
+    split = require_choice("split", cfg.get("split", "test"), EVAL_SPLITS)
+    viewpoints = cfg.get("viewpoints")
+    # which viewpoints exist is the DataModule's to check (set_test_viewpoints)
+    if viewpoints is not None and split != "test":
+        raise ConfigError(
+            f"viewpoints={viewpoints} selects rows of the test split, but split={split}. "
+            f"Fix: drop viewpoints= (the {split} split has the training viewpoints), or pass split=test."
+        )
+    overrides_cfg = cfg.get("data_overrides")
+    if overrides_cfg is None:
+        overrides: dict[str, Any] = {}
+    elif isinstance(overrides_cfg, DictConfig):
+        overrides = OmegaConf.to_container(overrides_cfg, resolve=True)  # type: ignore[assignment]
+    else:
+        raise ConfigError(
+            f"data_overrides must be a mapping of data settings, got {overrides_cfg!r}. "
+            f"Fix: 'data_overrides={{batch_size: 256}}' or +data_overrides.batch_size=256."
+        )
+    crops = cfg.get("test_crops")
+    if crops is not None:
+        crops = require_int("test_crops", crops, minimum=1)
+        if overrides.get("test_crops", crops) != crops:
+            raise ConfigError(
+                f"test_crops={crops} and data_overrides.test_crops={overrides['test_crops']} disagree. "
+                "Fix: pass only one."
+            )
+        overrides["test_crops"] = crops
+    return {"split": split, "viewpoints": viewpoints, "data_overrides": overrides}
 
 
 def runtime_choices(cfg: DictConfig) -> Mapping[str, Any] | None:

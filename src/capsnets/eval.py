@@ -40,8 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import capsnets
 from capsnets.checkpoints import check_finite, check_weights, read_checkpoint
-from capsnets.config_checks import constructor_hints
-from capsnets.data.base import EVAL_SPLITS
+from capsnets.config_checks import check_eval_config, constructor_hints, runtime_choices
 from capsnets.errors import ConfigError, exit_on_error
 from capsnets.registry import resolve
 from capsnets.results.record import scalar_metrics
@@ -53,7 +52,6 @@ from capsnets.utils.instantiate import (
     resolved_config,
 )
 from capsnets.utils.resolvers import CONFIG_DIR
-from capsnets.utils.validation import require_choice, require_int
 from capsnets.utils.wandb_logger import finish_loggers
 
 log = logging.getLogger(__name__)
@@ -90,39 +88,6 @@ def load_checkpoint(ckpt_path: str) -> tuple[LightningModule, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- settings
-def eval_settings(cfg: DictConfig) -> dict[str, Any]:
-    """Check ``split``, ``viewpoints``, ``test_crops`` and ``data_overrides`` (config only, nothing read);
-    returns them with the data overrides as one plain dict (``test_crops`` folded in)."""
-    split = require_choice("split", cfg.get("split", "test"), EVAL_SPLITS)
-    viewpoints = cfg.get("viewpoints")
-    # which viewpoints exist is the DataModule's to check (set_test_viewpoints)
-    if viewpoints is not None and split != "test":
-        raise ConfigError(
-            f"viewpoints={viewpoints} selects rows of the test split, but split={split}. "
-            f"Fix: drop viewpoints= (the {split} split has the training viewpoints), or pass split=test."
-        )
-    overrides_cfg = cfg.get("data_overrides")
-    if overrides_cfg is None:
-        overrides: dict[str, Any] = {}
-    elif isinstance(overrides_cfg, DictConfig):
-        overrides = OmegaConf.to_container(overrides_cfg, resolve=True)  # type: ignore[assignment]
-    else:
-        raise ConfigError(
-            f"data_overrides must be a mapping of data settings, got {overrides_cfg!r}. "
-            f"Fix: 'data_overrides={{batch_size: 256}}' or +data_overrides.batch_size=256."
-        )
-    crops = cfg.get("test_crops")
-    if crops is not None:
-        crops = require_int("test_crops", crops, minimum=1)
-        if overrides.get("test_crops", crops) != crops:
-            raise ConfigError(
-                f"test_crops={crops} and data_overrides.test_crops={overrides['test_crops']} disagree. "
-                "Fix: pass only one."
-            )
-        overrides["test_crops"] = crops
-    return {"split": split, "viewpoints": viewpoints, "data_overrides": overrides}
-
-
 def data_source(cfg: DictConfig, meta: dict[str, Any], ckpt_path: str) -> tuple[type, dict[str, Any]]:
     """(DataModule class, settings): from ``data=<option>`` when given, else from the checkpoint."""
     if cfg.get("data") is not None:
@@ -308,12 +273,8 @@ def _split_size(trainer: Trainer) -> int:
 # --------------------------------------------------------------------------- main
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate the checkpoint ``cfg.ckpt_path`` as configured; returns the metrics (logged as ``test/*``)."""
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise ConfigError(
-            "ckpt_path is required. Fix: python eval.py ckpt_path=outputs/train/runs/<date>/checkpoints/last.ckpt"
-        )
+    settings = check_eval_config(cfg, choices=runtime_choices(cfg), config_dir=CONFIG_DIR)
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
-    settings = eval_settings(cfg)
     split, viewpoints = settings["split"], settings["viewpoints"]
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
