@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.capsnets-installed
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-fast lint format fashion-mnist clean help
+.PHONY: install train test test-fast lint format bench fashion-mnist clean help
 
 help:
 	@echo "make train      train dr_caps on the shipped MNIST sample (offline)"
 	@echo "make test       run the whole test suite (includes slow and realdata tests)"
 	@echo "make test-fast  skip the slow end-to-end tests"
+	@echo "make bench      speed of the standard cases as same-run ratios (outputs/bench/; ~15 min on CPU)"
 	@echo "make lint       ruff: formatting and lint rules (pyproject.toml), as CI runs them"
 	@echo "make format     ruff: format the code and apply the safe lint fixes"
 	@echo "make install    create $(VENV) and install capsnets with its dev extras"
@@ -34,6 +35,12 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Speed of the standard cases against the machine's own ceilings and the reference procedure, measured in one
+# run (scripts/bench.py; BENCH_ARGS e.g. "--cases em_caps_small --steps 3" or "--device cuda")
+BENCH_ARGS ?=
+bench: install
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 LINTED := src tests scripts train.py eval.py
 

@@ -9,6 +9,7 @@ from capsnets.callbacks.pictures import PictureCallback
 from capsnets.callbacks.reconstructions import ReconstructionPictures, perturbed_capsules, perturbed_reconstructions
 from capsnets.callbacks.routing_pictures import RoutingPictures
 from capsnets.callbacks.routing_stats import LayerRoutingStats, routing_statistics
+from capsnets.callbacks.throughput import Throughput
 
 __all__ = [
     "ConfusionMatrixPictures",
@@ -20,6 +21,7 @@ __all__ = [
     "ReconstructionPictures",
     "RoutingPictures",
     "SpreadMarginSchedule",
+    "Throughput",
     "perturbed_capsules",
     "perturbed_reconstructions",
     "routing_statistics",

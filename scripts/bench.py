@@ -1,0 +1,391 @@
+"""``make bench``: training and inference speed of the standard cases, as ratios measured in one run.
+
+The CPU under a machine changes from day to day, so every figure is put next to what the same run
+measured of the machine itself and of a reference:
+
+* the machine: float32 and bf16 matmul GFLOP/s (a 2048^3 product) and memory bandwidth (a 512 MB copy),
+  probed in this run, with the device's name;
+* per case (dr_caps on MNIST shapes at batch 32 and 128; em_caps_small and em_caps on smallNORB shapes at
+  batch 32), each in float32 and, where the CPU or GPU has native bf16 matmuls, under bf16 autocast, each in
+  its own process (so peak memory is the case's own): the bare training step (forward, loss, backward,
+  optimiser step of the LightningModule's network and loss) and inference, in images/s (medians); peak memory
+  (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU); the share of the step spent in routing (forward +
+  backward of every routing layer on the inputs it received); training GFLOP/s (3 x the forward FLOPs counted
+  by ``torch.utils.flop_counter``) as a share of the matmul ceiling; and for routings with a faster
+  implementation, the readable reference procedure (``impl: reference``) timed on the same inputs, with its
+  own peak memory;
+* the user's path: images/s through ``train.py`` (Lightning loop, DataModule, callbacks) on ``data=synthetic``
+  of the same shape, against the bare step (target: within 10%).
+
+Results: a table on stdout and ``outputs/bench/<date>_<time>.json``. Usage::
+
+    python scripts/bench.py                       # everything (CPU: ~15 min on 2 cores)
+    python scripts/bench.py --cases em_caps_small --steps 3
+    python scripts/bench.py --device cuda --batch-scale 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str
+    image_size: int
+    num_classes: int
+    batch: int
+    overrides: tuple[str, ...] = ()
+
+
+CASES = [
+    Case("dr_caps_b32", "dr_caps", 28, 10, 32),
+    Case("dr_caps_b128", "dr_caps", 28, 10, 128),
+    Case("em_caps_small_norb_b32", "em_caps_small", 32, 5, 32),
+    Case("em_caps_norb_b32", "em_caps", 32, 5, 32),
+]
+
+
+# --------------------------------------------------------------------------- the machine
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_bf16(device: str) -> bool:
+    """bf16 autocast is worth measuring: a GPU with bf16, or a CPU with AVX512-BF16 / AMX."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, *, steps: int, warmup: int, device: str) -> float:
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def probe_machine(device: str) -> dict:
+    """Matmul GFLOP/s (float32, bf16) and memory bandwidth (GB/s, bytes read + written by a copy)."""
+    import torch
+
+    n = 2048
+    result = {}
+    for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        seconds = median_seconds(lambda a=a, b=b: torch.mm(a, b), steps=5, warmup=2, device=device)
+        result[f"matmul_{name}_gflops"] = 2 * n**3 / seconds / 1e9
+    src = torch.empty(128 * 2**20, device=device)  # 512 MB of float32
+    src.fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), steps=5, warmup=2, device=device)
+    result["memory_gb_per_s"] = 2 * src.numel() * 4 / seconds / 1e9
+    return result
+
+
+# --------------------------------------------------------------------------- one case, in its own process
+def rss_mb() -> float:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def routing_step(routing, args: tuple):
+    """Forward + backward of one routing layer on the (detached) inputs it received in a forward pass."""
+    V, *rest = args
+    a_in = rest[0] if rest else None
+    layout = rest[1] if len(rest) > 1 else None
+    V = V.detach().clone().requires_grad_(True)  # keeps V's strides
+    a_in = a_in.detach().clone().requires_grad_(True) if a_in is not None else None
+
+    def step() -> None:
+        V.grad = None
+        if a_in is not None:
+            a_in.grad = None
+        out = routing(V, a_in, layout)
+        (out.poses.float().sin().sum() + out.activations.float().sum()).backward()
+
+    return step
+
+
+def build_module(case: Case, extra: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from capsnets.utils.resolvers import CONFIG_DIR
+
+    overrides = [
+        f"model={case.model}",
+        "data=synthetic",
+        f"data.image_size={case.image_size}",
+        f"data.num_classes={case.num_classes}",
+        *case.overrides,
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    return instantiate(cfg.model, _convert_="all")
+
+
+def measure_case(case: Case, *, impl: str | None, precision: str, device: str, steps: int, warmup: int) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_em import capture_routing_inputs
+
+    baseline = rss_mb()
+    torch.manual_seed(0)
+    module = build_module(case, [f"model.routing.impl={impl}"] if impl else []).to(device)
+    batch = case.batch
+    x = torch.randn(batch, 1, case.image_size, case.image_size, device=device)
+    y = torch.randint(case.num_classes, (batch,), device=device)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = module.shared_step((x, y), "train")[0]
+        loss.backward()
+        optimizer.step()
+
+    def inference() -> None:
+        with torch.no_grad(), autocast:
+            module.scores(x)
+
+    module.train()
+    step_s = median_seconds(train_step, steps=steps, warmup=warmup, device=device)
+    module.eval()
+    infer_s = median_seconds(inference, steps=steps, warmup=warmup, device=device)
+    module.train()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module.scores(x)
+    forward_flops = counter.get_total_flops()
+    # the routing's share: forward + backward of every routing layer on the inputs it received
+    routing_s = 0.0
+    with autocast:
+        captured = capture_routing_inputs(module.net, x)
+    for routing, inputs in captured.values():
+        routing_s += median_seconds(routing_step(routing, inputs), steps=steps, warmup=1, device=device)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB (Linux)
+    return {
+        "case": case.name,
+        "impl": impl or "default",
+        "precision": precision,
+        "train_images_per_s": batch / step_s,
+        "inference_images_per_s": batch / infer_s,
+        "train_step_ms": 1e3 * step_s,
+        "routing_share": routing_s / step_s,
+        "train_gflops": 3 * forward_flops / step_s / 1e9,
+        "forward_gflop_per_image": forward_flops / batch / 1e9,
+        "peak_memory_mb": peak,
+        "baseline_rss_mb": baseline if device == "cpu" else 0.0,
+    }
+
+
+def user_path(case: Case, *, device: str, steps: int) -> float | None:
+    """Median images/s through ``train.py`` (perf/train_images_per_s of the Throughput callback)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"model={case.model}",
+            "data=synthetic",
+            f"data.image_size={case.image_size}",
+            f"data.num_classes={case.num_classes}",
+            f"data.batch_size={case.batch}",
+            f"data.num_train={case.batch * (steps + 4)}",
+            f"data.num_val={case.batch}",
+            f"data.num_test={case.batch}",
+            f"trainer={'gpu' if device == 'cuda' else 'cpu'}",
+            "trainer.max_epochs=1",
+            "+trainer.limit_val_batches=0",
+            "callbacks=[none,throughput]",
+            "logger=csv",
+            "test=false",
+            "optimized_metric=null",
+            *case.overrides,
+            f"hydra.run.dir={tmp}",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            return None
+        metrics = json.loads((Path(tmp) / "metrics.json").read_text())["metrics"]
+        return metrics.get("perf/train_images_per_s")
+
+
+def with_batch(case: Case, batch: int | None) -> Case:
+    return case if batch is None else Case(**{**asdict(case), "batch": batch})
+
+
+def run_child(args: argparse.Namespace) -> None:
+    case = with_batch(next(c for c in CASES if c.name == args.child), args.batch)
+    result = measure_case(
+        case, impl=args.impl, precision=args.precision, device=args.device, steps=args.steps, warmup=args.warmup
+    )
+    print("BENCH-RESULT " + json.dumps(result), flush=True)
+
+
+def in_child(args: argparse.Namespace, case: Case, *, impl: str | None, precision: str) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", case.name, "--precision", precision, "--device", args.device]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--impl", impl] if impl else [])
+    cmd += ["--batch", str(case.batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH-RESULT "):
+            return json.loads(line[len("BENCH-RESULT ") :])
+    print(f"{case.name} {impl or 'default'} {precision}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+# --------------------------------------------------------------------------- the report
+def table(report: dict) -> str:
+    machine = report["machine"]
+    lines = [
+        f"capsnets bench, {report['time']}: {report['device_name']} ({report['device']}, {report['threads']} threads"
+        f"{', THP on' if report['thp'] else ''})",
+        f"machine: float32 matmul {machine['matmul_float32_gflops']:.0f} GFLOP/s, bf16 "
+        f"{machine['matmul_bf16_gflops']:.0f} GFLOP/s, memory {machine['memory_gb_per_s']:.1f} GB/s",
+        "",
+        "| case | precision | train img/s | infer img/s | routing share | train GFLOP/s (% of matmul ceiling) "
+        "| peak MB | reference img/s | speed-up vs reference | memory vs reference | train.py img/s (vs bare) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["rows"]:
+        ceiling = machine[f"matmul_{'bf16' if row['precision'] == 'bf16' else 'float32'}_gflops"]
+        ref = row.get("reference")
+        user = row.get("user_path_images_per_s")
+        lines.append(
+            f"| {row['case']} | {row['precision']} | {row['train_images_per_s']:.1f} | "
+            f"{row['inference_images_per_s']:.1f} | {100 * row['routing_share']:.0f}% | "
+            f"{row['train_gflops']:.0f} ({100 * row['train_gflops'] / ceiling:.0f}%) | {row['peak_memory_mb']:.0f} | "
+            + (
+                f"{ref['train_images_per_s']:.1f} | {row['train_images_per_s'] / ref['train_images_per_s']:.2f}x | "
+                f"{row['peak_memory_mb'] / ref['peak_memory_mb']:.2f} | "
+                if ref
+                else "- | - | - | "
+            )
+            + (f"{user:.1f} ({100 * user / row['train_images_per_s']:.0f}%) |" if user else "- |")
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="*", default=None, help="case names or model names (default: all)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per figure (medians)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help="every case at this batch size (default: its own)")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
+    parser.add_argument("--no-user-path", action="store_true", help="skip the train.py figures")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args)
+        return
+
+    import torch
+
+    from capsnets.nn.routing import ROUTINGS
+
+    cases = [
+        with_batch(c, args.batch) for c in CASES if not args.cases or c.name in args.cases or c.model in args.cases
+    ]
+    if not cases:
+        parser.error(f"no such case; cases: {', '.join(c.name for c in CASES)}")
+    precisions = ["fp32"] + ([] if args.no_bf16 or not native_bf16(args.device) else ["bf16"])
+    faster_impls = any(len(impls) > 1 for impls in ROUTINGS.values())
+    report = {
+        "time": datetime.now().isoformat(timespec="seconds"),
+        "device": args.device,
+        "device_name": device_name(args.device),
+        "threads": torch.get_num_threads(),
+        "batch_override": args.batch,
+        "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "torch": torch.__version__,
+        "machine": probe_machine(args.device),
+        "rows": [],
+    }
+    for case in cases:
+        for precision in precisions:
+            row = in_child(args, case, impl=None, precision=precision)
+            if row is None:
+                continue
+            if case.model.startswith("em_") and faster_impls:
+                row["reference"] = in_child(args, case, impl="reference", precision=precision)
+            if precision == "fp32" and not args.no_user_path:
+                row["user_path_images_per_s"] = user_path(case, device=args.device, steps=max(args.steps, 8))
+            report["rows"].append(row)
+            print(f"{case.name} {precision}: {row['train_images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+    text = table(report)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    (args.out / f"{stem}.json").write_text(json.dumps({**report, "cases": [asdict(c) for c in cases]}, indent=2))
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    print(f"\nwritten: {args.out / stem}.json, .md")
+
+
+if __name__ == "__main__":
+    # transparent huge pages for PyTorch's CPU allocator (read when torch loads): vote-sized tensors are
+    # tens of MB, and without them page faults cost as much as the arithmetic (train.py sets the same)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    main()

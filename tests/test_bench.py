@@ -1,0 +1,80 @@
+"""``make bench`` (scripts/bench.py) and the Throughput callback it reads train.py's speed from.
+
+No speed is asserted (speed is measured by the benchmark, not by tests): these check that every figure the
+report promises is there, measured, and consistent with the others."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from capsnets.callbacks import Throughput
+from capsnets.data import SyntheticDataModule
+from capsnets.errors import ConfigError
+
+from helpers import ROOT, quiet_trainer
+
+
+class Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(28 * 28, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_throughput_logs_the_median_images_per_second_of_each_epoch():
+    dm = SyntheticDataModule(num_train=16 * 8, num_val=16, num_test=16, batch_size=16)
+    callback = Throughput(skip=2)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[callback], limit_val_batches=0)
+    trainer.fit(Tiny(), datamodule=dm)
+    assert callback.images_per_s is not None and callback.images_per_s > 0
+    assert len(callback._rates) == 8 - 2  # the second epoch's batches after the warm-up ones
+    assert trainer.callback_metrics["perf/train_images_per_s"].item() == pytest.approx(callback.images_per_s)
+
+
+def test_throughput_skip_must_be_positive():
+    with pytest.raises(ConfigError, match="callbacks.throughput.skip"):
+        Throughput(skip=0)
+
+
+@pytest.mark.slow
+def test_bench_reports_every_figure_of_a_case(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--cases", "dr_caps_b32", "em_caps_small_norb_b32"]
+        + ["--steps", "1", "--warmup", "0", "--batch", "4", "--no-bf16", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report_path,) = tmp_path.glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert report["device"] == "cpu" and report["device_name"] and report["thp"]
+    machine = report["machine"]
+    assert machine["matmul_float32_gflops"] > 0 and machine["matmul_bf16_gflops"] > 0
+    assert machine["memory_gb_per_s"] > 0
+    rows = {row["case"]: row for row in report["rows"]}
+    assert set(rows) == {"dr_caps_b32", "em_caps_small_norb_b32"} and report["batch_override"] == 4
+    for row in rows.values():
+        assert row["precision"] == "fp32" and row["train_images_per_s"] > 0 and row["inference_images_per_s"] > 0
+        assert row["routing_share"] > 0 and row["peak_memory_mb"] > row["baseline_rss_mb"] > 0
+        assert row["user_path_images_per_s"] > 0  # through train.py
+    # dr_caps: ~0.2 G multiply-adds per MNIST image forward (0.4 GFLOP; training ~1.2 GFLOP = 6 x MACs)
+    assert 0.3 < rows["dr_caps_b32"]["forward_gflop_per_image"] < 0.5
+    # the EM case is timed against the readable reference procedure on the same inputs
+    reference = rows["em_caps_small_norb_b32"]["reference"]
+    assert reference["impl"] == "reference" and reference["train_images_per_s"] > 0
+    table = (tmp_path / report_path.name.replace(".json", ".md")).read_text()
+    assert "speed-up vs reference" in table and "em_caps_small_norb_b32" in table
