@@ -645,3 +645,13 @@ def test_fused_routing_refuses_second_derivatives_and_the_reference_computes_the
         return reference_em_routing(V, **inputs).activations
 
     assert torch.autograd.gradgradcheck(activations, (V,), fast_mode=True)
+
+
+def test_fused_called_directly_under_autocast_routes_as_without():
+    # the layers turn autocast off around every routing; a direct call must not run its bmm's in bf16
+    inputs = routing_inputs("randn", conv=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_em_routing(**inputs)
+    want = fused_em_routing(**inputs)
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32 and torch.equal(x, y)
