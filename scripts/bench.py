@@ -153,6 +153,15 @@ def routing_step(routing, args: tuple):
     return step
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, it does not carry over the peak of the
+    process that forked this one before the exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB -> MB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def build_module(case: Case, extra: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -218,7 +227,7 @@ def measure_case(case: Case, *, impl: str | None, precision: str, device: str, s
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB -> MB (Linux)
+        peak = peak_rss_mb()
     return {
         "case": case.name,
         "impl": impl or "default",
