@@ -34,12 +34,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # benchmark_em's timing and routing-capture helpers
 
 
 @dataclass(frozen=True)
@@ -88,23 +88,12 @@ def native_bf16(device: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def sync(device: str) -> None:
+def median_seconds(fn, *, steps: int, warmup: int, device: str) -> float:
     import torch
 
-    if device == "cuda":
-        torch.cuda.synchronize()
+    from benchmark_em import timed  # torch loads here, after THP_MEM_ALLOC_ENABLE is set
 
-
-def median_seconds(fn, *, steps: int, warmup: int, device: str) -> float:
-    times = []
-    for i in range(warmup + steps):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, steps=steps, warmup=warmup, device=torch.device(device)))
 
 
 def probe_machine(device: str) -> dict:
@@ -133,24 +122,6 @@ def rss_mb() -> float:
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return float("nan")
-
-
-def routing_step(routing, args: tuple):
-    """Forward + backward of one routing layer on the (detached) inputs it received in a forward pass."""
-    V, *rest = args
-    a_in = rest[0] if rest else None
-    layout = rest[1] if len(rest) > 1 else None
-    V = V.detach().clone().requires_grad_(True)  # keeps V's strides
-    a_in = a_in.detach().clone().requires_grad_(True) if a_in is not None else None
-
-    def step() -> None:
-        V.grad = None
-        if a_in is not None:
-            a_in.grad = None
-        out = routing(V, a_in, layout)
-        (out.poses.float().sin().sum() + out.activations.float().sum()).backward()
-
-    return step
 
 
 def peak_rss_mb() -> float:
@@ -185,8 +156,7 @@ def measure_case(case: Case, *, impl: str | None, precision: str, device: str, s
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from benchmark_em import capture_routing_inputs
+    from benchmark_em import capture_routing_inputs, routing_step
 
     baseline = rss_mb()
     torch.manual_seed(0)

@@ -97,14 +97,19 @@ def capture_routing_inputs(net: EMCapsNet, x: torch.Tensor) -> dict[str, tuple[R
 
 
 def routing_step(routing: Routing, args: tuple) -> Callable[[], RoutingResult]:
-    V, a_in, *rest = args
-    layout = rest[0] if rest else None
-    V, a_in = V.detach().clone().requires_grad_(True), a_in.detach().clone().requires_grad_(True)  # keeps V's strides
+    """Forward + backward of one routing layer on the (detached) inputs it received: (votes, [a_in, [layout]])."""
+    V, *rest = args
+    a_in = rest[0] if rest else None  # None: a routing without child activations (dynamic routing)
+    layout = rest[1] if len(rest) > 1 else None
+    V = V.detach().clone().requires_grad_(True)  # keeps V's strides
+    a_in = a_in.detach().clone().requires_grad_(True) if a_in is not None else None
 
     def step() -> RoutingResult:
-        V.grad = a_in.grad = None
+        V.grad = None
+        if a_in is not None:
+            a_in.grad = None
         out = routing(V, a_in, layout)
-        (out.poses.sin().sum() + out.activations.sum()).backward()
+        (out.poses.float().sin().sum() + out.activations.float().sum()).backward()
         return out
 
     return step
