@@ -3,9 +3,15 @@
 Each check builds the routing for one capsule kind and runs it on votes in the routing layout
 (``capsnets.nn.routing.base``): a fully connected layout (one patch) and a convolutional one
 (3x3 kernels, stride 1, on a 4x4 grid, so children sit in up to 9 patches).
+
+Each check takes ``build``: (P, K, T_in) -> a fresh routing for that layout (given its child slots
+``in_slots = (K, T_in)``, as a capsule layer gives them), so procedures with per-slot parameters are
+checked on every layout too.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -15,8 +21,12 @@ from capsnets.nn.routing import ChildLayout, Routing, build_routing
 T_OUT = 3
 
 
-def make(name: str, impl: str, kind: str, role: str = "hidden", **settings) -> Routing:
-    return build_routing({"name": name, "impl": impl, **settings}, kind=kind, out_types=T_OUT, role=role)
+def make(name: str, impl: str, kind: str, role: str = "hidden", in_slots=None, **settings) -> Routing:
+    cfg = {"name": name, "impl": impl, **settings}
+    return build_routing(cfg, kind=kind, out_types=T_OUT, role=role, in_slots=in_slots)
+
+
+Build = Callable[[tuple[int, int, int]], Routing]
 
 
 def layouts() -> dict[str, tuple[tuple[int, int, int], ChildLayout]]:
@@ -44,8 +54,9 @@ def inputs(kind: str, shape: tuple[int, int, int], case: str = "randn", batch: i
     return votes, a_in
 
 
-def check_shapes_and_assignments(routing: Routing, kind: str) -> None:
+def check_shapes_and_assignments(build: Build, kind: str) -> None:
     for name, (shape, layout) in layouts().items():
+        routing = build(shape)
         votes, a_in = inputs(kind, shape)
         poses, activations, assignments = routing(votes, a_in, layout)
         b, p, k, t_in, t_out, d = votes.shape
@@ -53,15 +64,20 @@ def check_shapes_and_assignments(routing: Routing, kind: str) -> None:
         assert activations.shape == (b, p, t_out) and assignments.shape == (b, p, k, t_in, t_out), name
         assert poses.dtype == activations.dtype == assignments.dtype == votes.dtype, name
         assert ((activations >= 0) & (activations <= 1)).all(), name
-        totals = layout.child_totals(assignments)  # each child's assignments sum to 1 over its parents
-        assert torch.allclose(totals, torch.ones_like(totals), atol=1e-5), name
+        # each child's assignments sum to 1 over its parents; normalised per parent type, 1 to each type;
+        # per patch, every slot is its own child
+        normalisation = getattr(routing, "normalisation", "covering") if layout.shared else "covering"
+        totals = layout.child_totals(assignments) if normalisation != "patch" else assignments.sum(dim=-1)
+        expected = torch.full_like(totals, T_OUT if normalisation == "type" else 1)
+        assert torch.allclose(totals, expected, atol=1e-5), (name, normalisation)
         if kind == "vector":  # vector capsules: the activation is the length
             assert torch.allclose(activations, poses.norm(dim=-1), atol=1e-6), name
 
 
-def check_finite_on_adversarial_inputs(routing: Routing, kind: str) -> None:
+def check_finite_on_adversarial_inputs(build: Build, kind: str) -> None:
     for case in ("zeros", "constant", "huge", "randn"):
         for name, (shape, layout) in layouts().items():
+            routing = build(shape)
             votes, a_in = inputs(kind, shape, case)
             votes.requires_grad_(True)
             if a_in is not None:
@@ -74,16 +90,18 @@ def check_finite_on_adversarial_inputs(routing: Routing, kind: str) -> None:
             assert all(g is None or torch.isfinite(g).all() for g in grads), (case, name)
 
 
-def check_float32_under_autocast(routing: Routing, kind: str) -> None:
+def check_float32_under_autocast(build: Build, kind: str) -> None:
     shape, layout = layouts()["conv"]
+    routing = build(shape)
     votes, a_in = inputs(kind, shape)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = routing(votes.bfloat16(), a_in.bfloat16() if a_in is not None else None, layout)
     assert all(x.dtype == torch.float32 for x in out)
 
 
-def check_trace_only_on_request(routing: Routing, kind: str) -> None:
+def check_trace_only_on_request(build: Build, kind: str) -> None:
     shape, layout = layouts()["conv"]
+    routing = build(shape)
     votes, a_in = inputs(kind, shape)
     plain = routing(votes, a_in, layout)
     assert routing.trace is None and routing.record_trace is False
@@ -110,8 +128,8 @@ ALL_CHECKS = (
 )
 
 
-def check_routing(name: str, impl: str, kind: str) -> None:
-    """Run every invariant on routing ``name`` / ``impl`` for capsule ``kind`` (both roles)."""
+def check_routing(name: str, impl: str, kind: str, **settings) -> None:
+    """Run every invariant on routing ``name`` / ``impl`` (with ``settings``) for capsule ``kind`` (both roles)."""
     for role in ("hidden", "class"):
         for check in ALL_CHECKS:
-            check(make(name, impl, kind, role), kind)
+            check(lambda shape, role=role: make(name, impl, kind, role, in_slots=shape[1:], **settings), kind)

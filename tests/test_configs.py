@@ -61,7 +61,7 @@ ROUTING_OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "model" / "routing").glob
 
 
 def test_every_registered_routing_has_a_config_and_every_config_a_routing():
-    model = {"dynamic": "dr_caps"}  # compose each option on a model of its kind (options may build on others)
+    model = {"dynamic": "dr_caps", "self_attention": "dr_caps"}  # each option on a model of its kind
     names = set()
     for option in ROUTING_OPTIONS:
         cfg = compose_train([f"model={model.get(option, 'em_caps')}", f"model/routing={option}"])
@@ -103,6 +103,8 @@ def test_all_paper_presets_exist():
         "hinton2018_novel_azimuth",
         "hinton2018_novel_elevation",
         "em_learning",
+        "mazzia2021_mnist",
+        "routing_comparison",
     }
     assert len(HINTON_ROWS) == 8
 
@@ -122,6 +124,34 @@ def test_experiment_composes_and_instantiates(experiment):
     split = {"hinton2018_novel_azimuth": "azimuth", "hinton2018_novel_elevation": "elevation"}.get(experiment)
     if split:
         assert cfg.data.split == split
+
+
+COMPARISON_ROWS = sorted(p.stem for p in (CONFIG_DIR / "routing_comparison_row").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("row", COMPARISON_ROWS)
+def test_routing_comparison_rows_swap_only_the_routing_of_their_backbone(row):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=["experiment=routing_comparison", f"+routing_comparison_row={row}"],
+            return_hydra_config=True,
+        )
+        backbone, routing = row.split("_", 1)
+        plain = compose(
+            config_name="train",
+            overrides=["experiment=routing_comparison", f"model={dict(dr='dr_caps', em='em_caps_small')[backbone]}"],
+        )
+    assert row in str(cfg.hydra.sweeper.params["+routing_comparison_row"]).split(",")  # every row file is swept
+    assert str(cfg.hydra.sweeper.params["seed"]) == "1,2,3"
+    assert cfg.model.routing.name == {"em": "em"}.get(routing, routing)
+    assert {k: v for k, v in cfg.model.items() if k != "routing"} == {
+        k: v for k, v in plain.model.items() if k != "routing"
+    }
+    assert cfg.callbacks.learning_curve.every_samples == 1750 and "throughput" in cfg.callbacks
+    check_model_config(cfg.model)
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert {r.name for r in routing_layers(module.net).values()} == {cfg.model.routing.name}
 
 
 EM_LEARNING_ROWS = sorted(p.stem for p in (CONFIG_DIR / "em_learning_row").glob("*.yaml"))

@@ -34,18 +34,28 @@ def test_registered_routing_satisfies_the_invariants(name, impl, kind):
 
 
 def test_registry_lists_procedures_by_kind_and_refuses_with_the_options():
-    assert routing_names("vector") == ["dynamic"] and routing_names("matrix") == ["em"]
+    assert routing_names("vector") == ["dynamic", "random", "self_attention", "uniform"]
+    assert routing_names("matrix") == ["em", "random", "uniform"]
     assert set(ROUTINGS["em"]) == {"reference", "fused"} and DEFAULT_IMPLS["em"] == "fused"
-    with pytest.raises(ConfigError, match="unknown routing 'attention'. Options: dynamic"):
+    with pytest.raises(ConfigError, match="unknown routing 'attention'. Options: dynamic, random, self_attention"):
         build_routing({"name": "attention"}, kind="vector", out_types=3)
     with pytest.raises(
-        ConfigError, match="'dynamic' does not support matrix capsules.*Routings for matrix capsules: em"
+        ConfigError, match="'dynamic' does not support matrix capsules.*Routings for matrix capsules: em, random"
     ):
         build_routing({"name": "dynamic"}, kind="matrix", out_types=3)
     with pytest.raises(
         ConfigError, match="lambda_value is not a setting of routing 'dynamic'.*detach_inner, iterations"
     ):
         build_routing({"name": "dynamic", "lambda_value": 0.1}, kind="vector", out_types=3)
+
+
+@pytest.mark.parametrize("normalisation", ["covering", "type", "patch"])
+@pytest.mark.parametrize(
+    "name,impl", [("em", "reference"), ("em", "fused"), ("uniform", "reference"), ("random", "reference")]
+)
+def test_matrix_routings_satisfy_the_invariants_under_every_normalisation(name, impl, normalisation):
+    torch.manual_seed(0)
+    check_routing(name, impl, "matrix", normalisation=normalisation)
 
 
 # --- a toy routing, registered here only ---------------------------------------------------------

@@ -5,9 +5,9 @@ The networks themselves are plain ``torch.nn`` modules in :mod:`capsnets.nets`.
 
 from capsnets.models.base import CapsuleClassifier, CapsuleView
 from capsnets.models.cnn import CNNModule
-from capsnets.models.dr_caps import DRCapsModule
+from capsnets.models.dr_caps import DRCapsModule, EfficientCapsModule
 from capsnets.models.em_caps import EMCapsModule
-from capsnets.nets import BaselineCNN, CapsNet, EMCapsNet
+from capsnets.nets import BaselineCNN, CapsNet, EfficientCapsNet, EMCapsNet
 
 __all__ = [
     "BaselineCNN",
@@ -18,4 +18,6 @@ __all__ = [
     "DRCapsModule",
     "EMCapsModule",
     "EMCapsNet",
+    "EfficientCapsModule",
+    "EfficientCapsNet",
 ]

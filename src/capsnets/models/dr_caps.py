@@ -1,4 +1,5 @@
-"""CapsNet with dynamic routing (Sabour, Frosst & Hinton, NeurIPS 2017): loss and training."""
+"""Vector-capsule classifiers: CapsNet (Sabour, Frosst & Hinton, NeurIPS 2017) and Efficient-CapsNet (Mazzia et al.
+2021): margin and reconstruction losses, training."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from capsnets.losses import margin_loss, reconstruction_loss
 from capsnets.models.base import CapsuleClassifier
-from capsnets.nets import CapsNet
+from capsnets.nets import CapsNet, EfficientCapsNet
 from capsnets.registry import register_model
 from capsnets.utils.validation import require_range
 
@@ -43,7 +44,7 @@ class DRCapsModule(CapsuleClassifier):
         require_range("model.loss.down_weight", loss["down_weight"], 0.0, float("inf"))
         require_range("model.loss.recon_weight", loss["recon_weight"], 0.0, float("inf"))
         self.loss_cfg = dict(loss)
-        self.net = CapsNet(**net, routing=routing)
+        self.net = self.network(**net, routing=routing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -69,3 +70,15 @@ class DRCapsModule(CapsuleClassifier):
             parts["recon_loss"] = l_recon.detach()
             loss = loss + cfg["recon_weight"] * l_recon
         return loss, lengths, parts
+
+
+@register_model
+class EfficientCapsModule(DRCapsModule):
+    """LightningModule for Efficient-CapsNet (Mazzia, Salvetti & Chiaberge 2021): the same losses as CapsNet.
+
+    Margin loss (m+ 0.9, m- 0.1, lambda 0.5) plus the reconstruction loss, which the authors weight
+    0.392 on the mean squared error over 784 pixels, i.e. 0.0005 on the sum of squares (``recon_weight``).
+    ``routing``: any vector-capsule routing (default: self-attention routing).
+    """
+
+    network = EfficientCapsNet

@@ -5,6 +5,7 @@
 
 from capsnets.nets.capsnet import CapsNet
 from capsnets.nets.cnn import ARCHITECTURES, PRESETS, BaselineCNN
+from capsnets.nets.efficient_capsnet import EfficientCapsNet
 from capsnets.nets.em_capsnet import EMCapsNet
 
-__all__ = ["ARCHITECTURES", "PRESETS", "BaselineCNN", "CapsNet", "EMCapsNet"]
+__all__ = ["ARCHITECTURES", "PRESETS", "BaselineCNN", "CapsNet", "EMCapsNet", "EfficientCapsNet"]

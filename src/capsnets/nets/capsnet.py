@@ -78,7 +78,13 @@ class CapsNet(nn.Module):
             in_dim=primary_dim,
             out_caps=num_classes,
             out_dim=class_dim,
-            routing=build_routing(routing or {"name": "dynamic"}, kind="vector", out_types=num_classes, role="class"),
+            routing=build_routing(
+                routing or {"name": "dynamic"},
+                kind="vector",
+                out_types=num_classes,
+                role="class",
+                in_slots=(primary_types * grid * grid, 1),
+            ),
             init_std=weight_init_std,
         )
         self.decoder = (

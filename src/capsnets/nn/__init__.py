@@ -9,7 +9,7 @@ from capsnets.nn.matrix_caps import PrimaryMatrixCapsules, capsule_votes
 from capsnets.nn.primary_caps import PrimaryCapsules
 from capsnets.nn.routing import ChildLayout, Routing, RoutingResult, RoutingTrace, build_routing
 from capsnets.nn.routing_caps import RoutingCapsules
-from capsnets.nn.squash import squash
+from capsnets.nn.squash import efficient_squash, squash
 
 __all__ = [
     "ChildLayout",
@@ -26,6 +26,7 @@ __all__ = [
     "capsule_votes",
     "conv_child_index",
     "coordinate_offsets",
+    "efficient_squash",
     "mask_capsules",
     "squash",
 ]

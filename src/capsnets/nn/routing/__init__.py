@@ -2,13 +2,17 @@
 
 * ``dynamic``: routing-by-agreement, Sabour et al. 2017 (vector capsules);
 * ``em``: EM routing, Hinton et al. 2018 (matrix capsules), ``impl: reference`` (Procedure 1 as
-  written, ``em.py``) or ``impl: fused`` (the same, with fewer passes over the votes, ``em_fused.py``).
+  written, ``em.py``) or ``impl: fused`` (the same, with fewer passes over the votes, ``em_fused.py``);
+* ``self_attention``: Efficient-CapsNet's one-pass self-attention routing, Mazzia et al. 2021 (vector
+  capsules, ``self_attention.py``);
+* ``uniform`` / ``random``: the no-routing baselines of Paik et al. 2019, fixed uniform or random
+  assignments (both kinds, ``baselines.py``).
 
 Adding a procedure: one file here with a :class:`Routing` subclass decorated by
 ``@register_routing(name, kinds=...)``, its import below, and ``conf/model/routing/<name>.yaml``.
 """
 
-from capsnets.nn.routing import dynamic, em, em_fused  # noqa: F401  (register the procedures)
+from capsnets.nn.routing import baselines, dynamic, em, em_fused, self_attention  # noqa: F401  (register them)
 from capsnets.nn.routing.base import (
     KINDS,
     ROUTINGS,
@@ -23,23 +27,29 @@ from capsnets.nn.routing.base import (
     routing_layers,
     routing_names,
 )
+from capsnets.nn.routing.baselines import AssignmentBaseline, RandomRouting, UniformRouting
 from capsnets.nn.routing.dynamic import DynamicRouting, dynamic_routing
 from capsnets.nn.routing.em import EMRouting, EMRoutingBase, em_routing, inverse_temperatures
 from capsnets.nn.routing.em_fused import FusedEMRouting, fused_em_routing
 from capsnets.nn.routing.layout import NORMALISATIONS, ChildLayout, child_assignment_stats
+from capsnets.nn.routing.self_attention import SelfAttentionRouting, self_attention_routing
 
 __all__ = [
     "KINDS",
     "NORMALISATIONS",
     "ROUTINGS",
+    "AssignmentBaseline",
     "ChildLayout",
     "DynamicRouting",
     "EMRouting",
     "EMRoutingBase",
     "FusedEMRouting",
+    "RandomRouting",
     "Routing",
     "RoutingResult",
     "RoutingTrace",
+    "SelfAttentionRouting",
+    "UniformRouting",
     "build_routing",
     "check_routing_config",
     "child_assignment_stats",
@@ -52,4 +62,5 @@ __all__ = [
     "routing_class",
     "routing_layers",
     "routing_names",
+    "self_attention_routing",
 ]

@@ -82,6 +82,8 @@ class Routing(nn.Module):
         out_types: T_out, parent types (learned per-type parameters are sized by it).
         iterations: routing iterations (>= 1).
         role: ``hidden`` or ``class`` (some procedures treat the class layer differently).
+        in_slots: ``(K, T_in)``, the child slots of every patch, when the layer knows them; procedures
+            with per-slot learned parameters (a log prior over each child's parents) size them by it.
         key: config key prefix for error messages (``model.routing``).
     """
 
@@ -90,7 +92,14 @@ class Routing(nn.Module):
     kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
-        self, *, kind: str, out_types: int, iterations: int = 3, role: str = "hidden", key: str = "model.routing"
+        self,
+        *,
+        kind: str,
+        out_types: int,
+        iterations: int = 3,
+        role: str = "hidden",
+        in_slots: tuple[int, int] | None = None,
+        key: str = "model.routing",
     ) -> None:
         super().__init__()
         self.key = key
@@ -98,6 +107,9 @@ class Routing(nn.Module):
         self.out_types = require_int(f"{key}.out_types", out_types)
         self.iterations = require_int(f"{key}.iterations", iterations)
         self.role = require_choice(f"{key} role", role, ROLES)
+        if in_slots is not None:
+            in_slots = (require_int(f"{key} in_slots[0]", in_slots[0]), require_int(f"{key} in_slots[1]", in_slots[1]))
+        self.in_slots = in_slots
         self.record_trace = False  # keep every iteration in self.trace (routing statistics)
         self.trace: RoutingTrace | None = None
 
@@ -186,7 +198,7 @@ def routing_settings(cls: type[Routing]) -> set[str]:
         if "__init__" in vars(klass) and issubclass(klass, Routing):
             params = inspect.signature(klass.__init__).parameters.values()
             names |= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
-    return names - {"kind", "out_types", "role", "key"}
+    return names - {"kind", "out_types", "role", "in_slots", "key"}
 
 
 def check_routing_config(cfg: Mapping[str, Any], *, kind: str, key: str = "model.routing") -> type[Routing]:
@@ -202,12 +214,18 @@ def check_routing_config(cfg: Mapping[str, Any], *, kind: str, key: str = "model
 
 
 def build_routing(
-    cfg: Mapping[str, Any], *, kind: str, out_types: int, role: str = "hidden", key: str = "model.routing"
+    cfg: Mapping[str, Any],
+    *,
+    kind: str,
+    out_types: int,
+    role: str = "hidden",
+    in_slots: tuple[int, int] | None = None,
+    key: str = "model.routing",
 ) -> Routing:
-    """Build the routing ``cfg`` names for one capsule layer."""
+    """Build the routing ``cfg`` names for one capsule layer (``in_slots``: its (K, T_in) child slots per patch)."""
     cls = check_routing_config(cfg, kind=kind, key=key)
     settings = {k: v for k, v in cfg.items() if k not in ("name", "impl")}
-    return cls(kind=kind, out_types=out_types, role=role, key=key, **settings)
+    return cls(kind=kind, out_types=out_types, role=role, in_slots=in_slots, key=key, **settings)
 
 
 def routing_layers(module: nn.Module) -> dict[str, Routing]:

@@ -1,0 +1,155 @@
+"""No-routing baselines (Paik, Kwon & Kim 2019, "Capsule networks need an improved routing algorithm").
+
+Every comparison of routing procedures should include "does routing help at all": the same
+network, with the iterative procedure replaced by assignments that look at nothing.
+
+* ``uniform``: every child split equally over the parents it votes for (no iterations):
+  ``c_ij = 1 / |parents of i|``, the starting point of dynamic and EM routing (with
+  ``normalisation: type`` a convolutional child gives each parent type one unit, split equally over
+  its covering positions, as the E-step normalises it);
+* ``random``: each child's assignments a softmax of random logits ``b_ij ~ N(0, logit_std^2)``
+  over its parents. By default one fixed draw per (patch, slot, type, parent) (``seed``), the same
+  for every example and step, i.e. a fixed random routing; ``redraw: true`` draws fresh logits for
+  every example at every training step (evaluation keeps the fixed draw, so it is repeatable).
+
+From the assignments ``c`` (B, P, K, T_in, T_out) the parents are formed exactly as the routing
+they stand in for forms them:
+
+* vector capsules (dynamic routing's lines 5-6): ``s_j = sum_i c_ij u_hat_{j|i}``, ``v_j = squash(s_j)``;
+* matrix capsules (one M-step of EM routing, Procedure 1): ``R_ij <- c_ij a_i``, ``mu_j``, ``sigma_j^2``,
+  ``cost^h`` and ``a_j = logistic(lambda (beta_a - sum_h cost^h))``, with the M-step settings of
+  ``model/routing=em`` (:class:`~capsnets.nn.routing.em.EMRoutingBase`). The defaults are those of
+  capsnets' EM routing for em_caps (``em_capsnets.yaml``: ``normalisation: type``,
+  ``class_lambda_scale: 1``), and ``lambda`` is that of the last of ``iterations`` EM iterations
+  (default 2, as em_capsnets), so the baseline differs from the model's routing in the assignments only.
+
+Shapes (see :mod:`capsnets.nn.routing.base`): votes (B, P, K, T_in, T_out, D), a_in (B, P, K, T_in).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from capsnets.errors import ConfigError
+from capsnets.nn.routing.base import RoutingResult, RoutingTrace, register_routing
+from capsnets.nn.routing.em import EMRoutingBase, m_step
+from capsnets.nn.routing.layout import ChildLayout
+from capsnets.nn.squash import squash
+from capsnets.utils.validation import require_bool, require_int, require_positive
+
+# what a baseline on matrix capsules takes when the config does not say: capsnets' EM routing (em_capsnets.yaml)
+MATRIX_DEFAULTS: dict[str, Any] = {"iterations": 2, "normalisation": "type", "class_lambda_scale": 1.0}
+LAYER_KEYS = ("kind", "out_types", "role", "in_slots", "key")
+
+
+class AssignmentBaseline(EMRoutingBase):
+    """Fixed assignments (:meth:`assignments`) and the parents the stood-in routing would form from them.
+
+    Matrix capsules take every setting of EM routing's M-step (``model/routing=em``); vector capsules
+    only this class's own (``vector_settings``), and a matrix-only setting on a vector layer is refused.
+    """
+
+    vector_settings: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, **settings: Any) -> None:
+        kind, key = settings.get("kind"), settings.get("key", "model.routing")
+        chosen = set(settings) - set(LAYER_KEYS)
+        if kind == "vector":
+            matrix_only = sorted(chosen - self.vector_settings - {"iterations"})
+            if matrix_only:
+                raise ConfigError(
+                    f"{key}: {', '.join(matrix_only)} is a setting of the matrix-capsule M-step; routing "
+                    f"{self.name!r} on vector capsules takes only {', '.join(sorted(self.vector_settings)) or 'none'}."
+                )
+            settings = {"iterations": 1, **settings}
+        else:
+            settings = {**MATRIX_DEFAULTS, **settings}
+        super().__init__(**settings)
+        if self.kind == "vector":  # no M-step: no learned betas (unused parameters would stall DDP)
+            del self.beta_u, self.beta_a
+
+    def assignments(self, shape: torch.Size, like: torch.Tensor, layout: ChildLayout) -> torch.Tensor:
+        """(B, P, K, T_in, T_out) assignments, each child's summing to 1 over its parents (``type``: per type)."""
+        raise NotImplementedError
+
+    @property
+    def over(self) -> str:
+        """The normalisation of a child's assignments: dynamic routing's (covering) or the M-step's setting."""
+        return "covering" if self.kind == "vector" else self.normalisation
+
+    def route(
+        self, votes: torch.Tensor, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
+    ) -> RoutingResult:
+        if self.kind == "vector":
+            c = self.assignments(votes.shape[:5], votes, layout)  # (B, P, K, T_in, T_out)
+            v = squash(torch.einsum("bpkio,bpkiod->bpod", c, votes))  # (B, P, T_out, D)
+            if trace is not None:
+                trace.record(c, v.norm(dim=-1))
+            return RoutingResult(v, v.norm(dim=-1), c)
+        dtype = self.dtype_for(votes)
+        V = votes.to(dtype)
+        a_in = a_in.to(dtype) if a_in is not None else V.new_ones(V.shape[:4])
+        R = self.assignments(V.shape[:5], V, layout)  # (B, P, K, T_in, T_out)
+        mu, _, logits = m_step(
+            R,
+            a_in,
+            V,
+            beta_u=self.beta_u.to(dtype),
+            beta_a=self.beta_a.to(dtype),
+            lambda_=self.lambdas[-1],
+            var_floor=self.var_floor,
+            eps=self.eps,
+            variant=self.variant,
+        )  # mu (B, P, T_out, D), logits (B, P, T_out)
+        a_out = torch.sigmoid(logits)
+        if trace is not None:
+            trace.record(R, a_out)
+        return RoutingResult(mu.to(votes.dtype), a_out.to(votes.dtype), R.to(votes.dtype))
+
+    def extra_repr(self) -> str:
+        if self.kind == "vector":
+            return f"name={self.name}, kind=vector, role={self.role}"
+        return super().extra_repr()
+
+
+@register_routing("uniform", kinds=("vector", "matrix"))
+class UniformRouting(AssignmentBaseline):
+    """Uniform assignments, no iterations: ``c_ij = 1 / |parents of child i|``."""
+
+    def assignments(self, shape: torch.Size, like: torch.Tensor, layout: ChildLayout) -> torch.Tensor:
+        # the normalisation of equal logits: 1 / (#covering patches x T_out) (covering), 1 / #covering
+        # patches to each parent type (type), 1 / T_out (patch, or no shared children)
+        return layout.softmax(like.new_zeros((1, *shape[1:])), over=self.over).expand(shape)
+
+
+@register_routing("random", kinds=("vector", "matrix"))
+class RandomRouting(AssignmentBaseline):
+    """Random assignments: a softmax over each child's parents of logits drawn from N(0, ``logit_std``^2).
+
+    Args:
+        logit_std: spread of the logits (0.5: mild preferences; 5: nearly one parent per child).
+        seed: seed of the fixed draw (one per patch, slot, type and parent, shared by all examples).
+        redraw: draw fresh logits for every example at every training step (evaluation: the fixed draw).
+    """
+
+    vector_settings = frozenset({"logit_std", "seed", "redraw"})
+
+    def __init__(self, *, logit_std: float = 1.0, seed: int = 0, redraw: bool = False, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.logit_std = require_positive(f"{self.key}.logit_std", logit_std)
+        self.seed = require_int(f"{self.key}.seed", seed, minimum=0)
+        self.redraw = require_bool(f"{self.key}.redraw", redraw)
+
+    def assignments(self, shape: torch.Size, like: torch.Tensor, layout: ChildLayout) -> torch.Tensor:
+        if self.redraw and self.training:
+            logits = torch.randn(shape, device=like.device, dtype=like.dtype)  # (B, P, K, T_in, T_out)
+        else:  # the same draw at every call: drawn on the CPU from ``seed``, whatever the device
+            generator = torch.Generator().manual_seed(self.seed)
+            logits = torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float64)
+            logits = logits.to(device=like.device, dtype=like.dtype)  # (1, P, K, T_in, T_out)
+        return layout.softmax(self.logit_std * logits, over=self.over).expand(shape)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, logit_std={self.logit_std}, seed={self.seed}, redraw={self.redraw}"
