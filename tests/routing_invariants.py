@@ -39,10 +39,10 @@ def layouts() -> dict[str, tuple[tuple[int, int, int], ChildLayout]]:
 
 
 def inputs(kind: str, shape: tuple[int, int, int], case: str = "randn", batch: int = 2, seed: int = 0):
-    """Votes (B, P, K, T_in, T_out, D) and child activations (matrix capsules) or None (vector capsules)."""
+    """Votes (B, P, K, T_in, T_out, D) and child activations (matrix capsules) or None (vector and pose capsules)."""
     g = torch.Generator().manual_seed(seed)
     p, k, t_in = shape
-    d = 16 if kind == "matrix" else 8
+    d = 8 if kind == "vector" else 16  # vector capsules: 8D here; matrix and pose capsules: 16 pose elements
     size = (batch, p, k, t_in, T_OUT, d)
     votes = {
         "randn": torch.randn(size, generator=g),

@@ -61,7 +61,7 @@ ROUTING_OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "model" / "routing").glob
 
 
 def test_every_registered_routing_has_a_config_and_every_config_a_routing():
-    model = {"dynamic": "dr_caps", "self_attention": "dr_caps"}  # each option on a model of its kind
+    model = {"dynamic": "dr_caps", "self_attention": "dr_caps", "inverted_dot_product": "ida_caps"}  # of its kind
     names = set()
     for option in ROUTING_OPTIONS:
         cfg = compose_train([f"model={model.get(option, 'em_caps')}", f"model/routing={option}"])
@@ -104,6 +104,7 @@ def test_all_paper_presets_exist():
         "hinton2018_novel_elevation",
         "em_learning",
         "mazzia2021_mnist",
+        "ribeiro2020_smallnorb",
         "routing_comparison",
     }
     assert len(HINTON_ROWS) == 8

@@ -35,7 +35,8 @@ def test_registered_routing_satisfies_the_invariants(name, impl, kind):
 
 def test_registry_lists_procedures_by_kind_and_refuses_with_the_options():
     assert routing_names("vector") == ["dynamic", "random", "self_attention", "uniform"]
-    assert routing_names("matrix") == ["em", "random", "uniform"]
+    assert routing_names("matrix") == ["em", "random", "uniform", "vb"]
+    assert routing_names("pose") == ["inverted_dot_product", "random", "uniform"]
     assert set(ROUTINGS["em"]) == {"reference", "fused"} and DEFAULT_IMPLS["em"] == "fused"
     with pytest.raises(ConfigError, match="unknown routing 'attention'. Options: dynamic, random, self_attention"):
         build_routing({"name": "attention"}, kind="vector", out_types=3)

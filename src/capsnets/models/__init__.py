@@ -7,7 +7,8 @@ from capsnets.models.base import CapsuleClassifier, CapsuleView
 from capsnets.models.cnn import CNNModule
 from capsnets.models.dr_caps import DRCapsModule, EfficientCapsModule
 from capsnets.models.em_caps import EMCapsModule
-from capsnets.nets import BaselineCNN, CapsNet, EfficientCapsNet, EMCapsNet
+from capsnets.models.ida_caps import IDACapsModule
+from capsnets.nets import BaselineCNN, CapsNet, EfficientCapsNet, EMCapsNet, IDACapsNet
 
 __all__ = [
     "BaselineCNN",
@@ -20,4 +21,6 @@ __all__ = [
     "EMCapsNet",
     "EfficientCapsModule",
     "EfficientCapsNet",
+    "IDACapsModule",
+    "IDACapsNet",
 ]

@@ -5,6 +5,9 @@
   written, ``em.py``) or ``impl: fused`` (the same, with fewer passes over the votes, ``em_fused.py``);
 * ``self_attention``: Efficient-CapsNet's one-pass self-attention routing, Mazzia et al. 2021 (vector
   capsules, ``self_attention.py``);
+* ``inverted_dot_product``: inverted dot-product attention routing, Tsai et al. 2020 (pose capsules,
+  ``inverted.py``);
+* ``vb``: variational Bayes routing, Ribeiro et al. 2020 (matrix capsules, ``vb.py``);
 * ``uniform`` / ``random``: the no-routing baselines of Paik et al. 2019, fixed uniform or random
   assignments (both kinds, ``baselines.py``).
 
@@ -12,7 +15,7 @@ Adding a procedure: one file here with a :class:`Routing` subclass decorated by
 ``@register_routing(name, kinds=...)``, its import below, and ``conf/model/routing/<name>.yaml``.
 """
 
-from capsnets.nn.routing import baselines, dynamic, em, em_fused, self_attention  # noqa: F401  (register them)
+from capsnets.nn.routing import baselines, dynamic, em, em_fused, inverted, self_attention, vb  # noqa: F401
 from capsnets.nn.routing.base import (
     KINDS,
     ROUTINGS,
@@ -31,8 +34,10 @@ from capsnets.nn.routing.baselines import AssignmentBaseline, RandomRouting, Uni
 from capsnets.nn.routing.dynamic import DynamicRouting, dynamic_routing
 from capsnets.nn.routing.em import EMRouting, EMRoutingBase, em_routing, inverse_temperatures
 from capsnets.nn.routing.em_fused import FusedEMRouting, fused_em_routing
+from capsnets.nn.routing.inverted import InvertedDotProductRouting
 from capsnets.nn.routing.layout import NORMALISATIONS, ChildLayout, child_assignment_stats
 from capsnets.nn.routing.self_attention import SelfAttentionRouting, self_attention_routing
+from capsnets.nn.routing.vb import VBRouting
 
 __all__ = [
     "KINDS",
@@ -44,12 +49,14 @@ __all__ = [
     "EMRouting",
     "EMRoutingBase",
     "FusedEMRouting",
+    "InvertedDotProductRouting",
     "RandomRouting",
     "Routing",
     "RoutingResult",
     "RoutingTrace",
     "SelfAttentionRouting",
     "UniformRouting",
+    "VBRouting",
     "build_routing",
     "check_routing_config",
     "child_assignment_stats",

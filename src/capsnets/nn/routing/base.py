@@ -17,7 +17,9 @@ layer has one patch per output position and K = kernel offsets.
 **Result.** ``RoutingResult(poses (B, P, T_out, D), activations (B, P, T_out), assignments
 (B, P, K, T_in, T_out))``: the parents and the final assignments of each child (which sum to 1
 over the child's parents). For ``kind="vector"`` the poses are the parent capsules themselves
-(squashed; activation = length), for ``kind="matrix"`` pose matrices with activations in (0, 1).
+(squashed; activation = length), for ``kind="matrix"`` pose matrices with activations in (0, 1),
+for ``kind="pose"`` poses alone, whose "activation" is the parent's share of its patch's routing
+mass, ``sum_i r_ij / sum_ij' r_ij'`` (for routing statistics; the model does not read it).
 
 **Trace.** With ``record_trace = True`` (off by default; see
 :func:`capsnets.nn.routing.recording`) a call leaves a :class:`RoutingTrace` of every iteration's
@@ -45,7 +47,9 @@ from capsnets.errors import ConfigError
 from capsnets.nn.routing.layout import ChildLayout
 from capsnets.utils.validation import require_choice, require_int
 
-KINDS = ("vector", "matrix")  # capsule kinds: vectors whose length is the activation, pose matrices with an activation
+# capsule kinds: vectors whose length is the activation; pose matrices with an activation; poses alone (Tsai et al.
+# 2020: layer-normalised poses, a model reads class scores from the class capsules' poses)
+KINDS = ("vector", "matrix", "pose")
 ROLES = ("hidden", "class")  # an intermediate capsule layer, or the layer of class capsules
 
 

@@ -16,6 +16,9 @@ From the assignments ``c`` (B, P, K, T_in, T_out) the parents are formed exactly
 they stand in for forms them:
 
 * vector capsules (dynamic routing's lines 5-6): ``s_j = sum_i c_ij u_hat_{j|i}``, ``v_j = squash(s_j)``;
+* pose capsules (inverted dot-product attention routing's pose update, without its learned affine
+  parameters): ``p_j = LayerNorm(sum_i c_ij v_ij)``, each child's ``c`` normalised over the parent types
+  of its patch, as that routing's release does;
 * matrix capsules (one M-step of EM routing, Procedure 1): ``R_ij <- c_ij a_i``, ``mu_j``, ``sigma_j^2``,
   ``cost^h`` and ``a_j = logistic(lambda (beta_a - sum_h cost^h))``, with the M-step settings of
   ``model/routing=em`` (:class:`~capsnets.nn.routing.em.EMRoutingBase`). The defaults are those of
@@ -31,10 +34,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from capsnets.errors import ConfigError
 from capsnets.nn.routing.base import RoutingResult, RoutingTrace, register_routing
 from capsnets.nn.routing.em import EMRoutingBase, m_step
+from capsnets.nn.routing.inverted import parent_share
 from capsnets.nn.routing.layout import ChildLayout
 from capsnets.nn.squash import squash
 from capsnets.utils.validation import require_bool, require_int, require_positive
@@ -56,19 +61,21 @@ class AssignmentBaseline(EMRoutingBase):
     def __init__(self, **settings: Any) -> None:
         kind, key = settings.get("kind"), settings.get("key", "model.routing")
         chosen = set(settings) - set(LAYER_KEYS)
-        if kind == "vector":
+        if kind in ("vector", "pose"):
             matrix_only = sorted(chosen - self.vector_settings - {"iterations"})
             if matrix_only:
                 raise ConfigError(
                     f"{key}: {', '.join(matrix_only)} is a setting of the matrix-capsule M-step; routing "
-                    f"{self.name!r} on vector capsules takes only {', '.join(sorted(self.vector_settings)) or 'none'}."
+                    f"{self.name!r} on {kind} capsules takes only {', '.join(sorted(self.vector_settings)) or 'none'}."
                 )
             settings = {"iterations": 1, **settings}
         else:
             settings = {**MATRIX_DEFAULTS, **settings}
         super().__init__(**settings)
-        if self.kind == "vector":  # no M-step: no learned betas (unused parameters would stall DDP)
+        if self.kind != "matrix":  # no M-step: no learned betas (unused parameters would stall DDP)
             del self.beta_u, self.beta_a
+            # the normalisation of the routing stood in for: dynamic routing's, inverted dot-product routing's
+            self.normalisation = {"vector": "covering", "pose": "patch"}[self.kind]
 
     def assignments(self, shape: torch.Size, like: torch.Tensor, layout: ChildLayout) -> torch.Tensor:
         """(B, P, K, T_in, T_out) assignments, each child's summing to 1 over its parents (``type``: per type)."""
@@ -76,8 +83,9 @@ class AssignmentBaseline(EMRoutingBase):
 
     @property
     def over(self) -> str:
-        """The normalisation of a child's assignments: dynamic routing's (covering) or the M-step's setting."""
-        return "covering" if self.kind == "vector" else self.normalisation
+        """The normalisation of a child's assignments: dynamic routing's (covering), inverted dot-product
+        routing's (patch) or the M-step's setting."""
+        return self.normalisation
 
     def route(
         self, votes: torch.Tensor, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
@@ -88,6 +96,13 @@ class AssignmentBaseline(EMRoutingBase):
             if trace is not None:
                 trace.record(c, v.norm(dim=-1))
             return RoutingResult(v, v.norm(dim=-1), c)
+        if self.kind == "pose":
+            c = self.assignments(votes.shape[:5], votes, layout)  # (B, P, K, T_in, T_out)
+            s = torch.einsum("bpkio,bpkiod->bpod", c, votes)  # (B, P, T_out, D)
+            poses, share = F.layer_norm(s, s.shape[-1:]), parent_share(c)
+            if trace is not None:
+                trace.record(c, share)
+            return RoutingResult(poses, share, c)
         dtype = self.dtype_for(votes)
         V = votes.to(dtype)
         a_in = a_in.to(dtype) if a_in is not None else V.new_ones(V.shape[:4])
@@ -109,12 +124,12 @@ class AssignmentBaseline(EMRoutingBase):
         return RoutingResult(mu.to(votes.dtype), a_out.to(votes.dtype), R.to(votes.dtype))
 
     def extra_repr(self) -> str:
-        if self.kind == "vector":
-            return f"name={self.name}, kind=vector, role={self.role}"
+        if self.kind != "matrix":
+            return f"name={self.name}, kind={self.kind}, role={self.role}"
         return super().extra_repr()
 
 
-@register_routing("uniform", kinds=("vector", "matrix"))
+@register_routing("uniform", kinds=("vector", "matrix", "pose"))
 class UniformRouting(AssignmentBaseline):
     """Uniform assignments, no iterations: ``c_ij = 1 / |parents of child i|``."""
 
@@ -124,7 +139,7 @@ class UniformRouting(AssignmentBaseline):
         return layout.softmax(like.new_zeros((1, *shape[1:])), over=self.over).expand(shape)
 
 
-@register_routing("random", kinds=("vector", "matrix"))
+@register_routing("random", kinds=("vector", "matrix", "pose"))
 class RandomRouting(AssignmentBaseline):
     """Random assignments: a softmax over each child's parents of logits drawn from N(0, ``logit_std``^2).
 

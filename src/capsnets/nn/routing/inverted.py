@@ -1,0 +1,107 @@
+"""Inverted dot-product attention routing (Tsai, Srivastava, Goh & Salakhutdinov, ICLR 2020, "Capsules with
+inverted dot-product attention routing", Algorithm 1), for pose capsules (``kind: pose``).
+
+Parents compete for the attention of their children: a child's routing probabilities are a
+softmax over its parents of the agreement between the parent's current pose and the child's
+vote, and a parent's pose is the layer-normalised, probability-weighted sum of its votes::
+
+    v_ij = W_ij p_i                                     votes (the layer computes them), (B, P, K, T_in, T_out, D)
+    iteration 1 (initialisation, "one pass"):  r_ij = 1 / |parents of i|   (the parents' poses start at 0)
+    iteration t > 1:
+        a_ij = p_j^T v_ij / sqrt(D)                     agreement with the previous iteration's parent pose
+        r_ij = exp(a_ij) / sum_j' exp(a_ij')            softmax over child i's parents (never over children)
+    p_j = LayerNorm(sum_i r_ij v_ij)                    (B, P, T_out, D), LayerNorm over the D pose elements
+
+``iterations`` counts every iteration, the initialising pass included (the release's ``num_routing``:
+1 is the uniform single pass, 2 the paper's CIFAR setting). A network may run all its capsule layers'
+iterations *concurrently* (the paper's concurrent routing: iteration t of every layer uses the
+poses of iteration t - 1 of the layers below and above); it then calls :meth:`InvertedDotProductRouting.step`
+itself, one iteration at a time (``capsnets.nets.ida_capsnet``). Called through the seam, a routing
+iterates one layer to the end before the next (sequential routing).
+
+The release (apple/ml-capsules-inverted-attention-routing) normalises each slot's probabilities over
+the parent types of its patch (``normalisation: patch``), scales the agreement by ``1/sqrt(D)`` and
+uses LayerNorm with learned elementwise affine parameters; these are the defaults.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing
+from capsnets.nn.routing.layout import NORMALISATIONS, ChildLayout
+from capsnets.utils.validation import require_bool, require_choice, require_int
+
+
+def parent_share(r: torch.Tensor) -> torch.Tensor:
+    """Each parent's share of its patch's routing mass, (B, P, K, T_in, T_out) -> (B, P, T_out), in [0, 1]."""
+    mass = r.sum(dim=(2, 3))  # (B, P, T_out)
+    return mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@register_routing("inverted_dot_product", kinds=("pose",))
+class InvertedDotProductRouting(Routing):
+    """Inverted dot-product attention routing (see the module docstring).
+
+    Args:
+        iterations: every iteration, the initialising uniform pass included (release: 2; 1 = no routing).
+        normalisation: over which parents a conv child's probabilities are normalised (release: ``patch``).
+        pose_dim: D, the pose elements LayerNorm normalises (and its affine parameters' size).
+        layer_norm_affine: learned elementwise gain and bias of the LayerNorm (release: yes).
+    """
+
+    def __init__(
+        self,
+        *,
+        iterations: int = 2,
+        normalisation: str = "patch",
+        pose_dim: int = 16,
+        layer_norm_affine: bool = True,
+        **base,
+    ) -> None:
+        super().__init__(iterations=iterations, **base)
+        self.normalisation = require_choice(f"{self.key}.normalisation", normalisation, NORMALISATIONS)
+        self.pose_dim = require_int(f"{self.key}.pose_dim", pose_dim)
+        self.layer_norm_affine = require_bool(f"{self.key}.layer_norm_affine", layer_norm_affine)
+        self.norm = nn.LayerNorm(self.pose_dim, elementwise_affine=self.layer_norm_affine)
+
+    def step(
+        self,
+        votes: torch.Tensor,
+        previous: torch.Tensor | None,
+        layout: ChildLayout,
+        trace: RoutingTrace | None = None,
+    ) -> RoutingResult:
+        """One iteration: parent poses (B, P, T_out, D) from ``votes`` and the parents' ``previous`` poses
+        (None: the initialising uniform pass)."""
+        if votes.shape[-1] != self.pose_dim:
+            raise ValueError(
+                f"{self.key}: built for {self.pose_dim}-element poses (pose_dim), got votes of {votes.shape[-1]}."
+            )
+        if previous is None:  # the parents' poses start at 0: every agreement 0, r uniform over each child's parents
+            r = layout.softmax(votes.new_zeros((1, *votes.shape[1:5])), over=self.normalisation).expand(votes.shape[:5])
+        else:
+            agreement = torch.einsum("bpkiod,bpod->bpkio", votes, previous) / math.sqrt(votes.shape[-1])
+            r = layout.softmax(agreement, over=self.normalisation)  # (B, P, K, T_in, T_out)
+        poses = self.norm(torch.einsum("bpkio,bpkiod->bpod", r, votes))  # (B, P, T_out, D)
+        share = parent_share(r)
+        if trace is not None:
+            trace.record(r, share)
+        return RoutingResult(poses, share, r)
+
+    def route(
+        self, votes: torch.Tensor, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
+    ) -> RoutingResult:
+        result = self.step(votes, None, layout, trace)
+        for _ in range(self.iterations - 1):
+            result = self.step(votes, result.poses, layout, trace)
+        return result
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, normalisation={self.normalisation}, pose_dim={self.pose_dim}, "
+            f"layer_norm_affine={self.layer_norm_affine}"
+        )

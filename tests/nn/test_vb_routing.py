@@ -1,0 +1,148 @@
+"""Variational Bayes routing (Ribeiro et al. 2020) against a loop reference, and its priors as settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from capsnets.errors import ConfigError
+from capsnets.nn.conv_caps import conv_child_index
+from capsnets.nn.routing import ChildLayout, build_routing
+
+CONV = ChildLayout(conv_child_index(4, 4, kernel_size=3, stride=1), 16)
+
+
+def loop_reference(V, a_in, layout, *, iterations, alpha0, kappa0, nu0, psi0, m0, normalisation, beta_u, beta_a, bn):
+    """The update equations of the module docstring, one parent and one child at a time (float64 scalars)."""
+    b_size, p_size, k_size, t_in, t_out, d = V.shape
+    slots = [(p, k, i) for p in range(p_size) for k in range(k_size) for i in range(t_in)]
+
+    def child(p, k, i):
+        return (int(layout.child_index[p * k_size + k]) if layout.shared else (p, k), i)
+
+    def members(p, k, i, j):  # the parents over which child (p, k, i)'s assignment to (p, j) is normalised
+        if normalisation == "patch" or not layout.shared:
+            return [(p, k, i, jj) for jj in range(t_out)]
+        same = [(q, m, i2) for q, m, i2 in slots if child(q, m, i2) == child(p, k, i)]
+        return [(q, m, i2, jj) for q, m, i2 in same for jj in range(t_out) if normalisation == "covering" or jj == j]
+
+    def normalise(log_rho):
+        R = {}
+        for p, k, i in slots:
+            for j in range(t_out):
+                z = torch.stack([log_rho[x] for x in members(p, k, i, j)])
+                R[(p, k, i, j)] = torch.exp(log_rho[(p, k, i, j)]) / torch.exp(z).sum()
+        return R
+
+    poses = torch.zeros(b_size, p_size, t_out, d, dtype=V.dtype)
+    logits = torch.zeros(b_size, p_size, t_out, dtype=V.dtype)
+    R_out = torch.zeros(V.shape[:5], dtype=V.dtype)
+    for b in range(b_size):
+        R = normalise({(p, k, i, j): torch.zeros((), dtype=V.dtype) for p, k, i in slots for j in range(t_out)})
+        for t in range(iterations):
+            q = {}
+            for p in range(p_size):
+                for j in range(t_out):
+                    w = {s: R[(*s, j)] * a_in[b, s[0], s[1], s[2]] for s in slots if s[0] == p}
+                    Rj = sum(w.values())
+                    mu_bar = sum(w[s] * V[b, s[0], s[1], s[2], j] for s in w) / (Rj + 1e-8)
+                    S = sum(w[s] * (V[b, s[0], s[1], s[2], j] - mu_bar) ** 2 for s in w)
+                    kappa, nu, alpha = kappa0 + Rj, nu0 + Rj, alpha0 + Rj
+                    m = (Rj * mu_bar + kappa0 * m0) / kappa
+                    inv_psi = 1 / psi0 + S + kappa0 * Rj / kappa * (mu_bar - m0) ** 2
+                    e_ln_lambda = (
+                        sum(torch.digamma((nu + 1 - h) / 2) for h in range(1, d + 1))
+                        + d * math.log(2)
+                        - torch.log(inv_psi).sum()
+                    )
+                    q[(p, j)] = dict(alpha=alpha, kappa=kappa, nu=nu, m=m, inv_psi=inv_psi, e_ln_lambda=e_ln_lambda)
+                alphas = torch.stack([q[(p, j)]["alpha"] for j in range(t_out)])
+                for j in range(t_out):
+                    q[(p, j)]["e_ln_pi"] = torch.digamma(q[(p, j)]["alpha"]) - torch.digamma(alphas.sum())
+            if t < iterations - 1:
+                log_rho = {}
+                for p, k, i in slots:
+                    for j in range(t_out):
+                        qj, v = q[(p, j)], V[b, p, k, i, j]
+                        quad = d / qj["kappa"] + qj["nu"] * ((v - qj["m"]) ** 2 / qj["inv_psi"]).sum()
+                        log_rho[(p, k, i, j)] = (
+                            qj["e_ln_pi"] + 0.5 * qj["e_ln_lambda"] - 0.5 * d * math.log(2 * math.pi) - 0.5 * quad
+                        )
+                R = normalise(log_rho)
+        for p in range(p_size):
+            for j in range(t_out):
+                qj = q[(p, j)]
+                entropy = 0.5 * d * math.log(2 * math.pi * math.e) - 0.5 * qj["e_ln_lambda"]
+                logits[b, p, j] = beta_a[j] - (torch.exp(qj["e_ln_pi"]) * entropy + beta_u[j])
+                poses[b, p, j] = qj["m"]
+        for (p, k, i, j), r in R.items():
+            R_out[b, p, k, i, j] = r
+    if bn:  # batch norm per parent type, no affine: over examples and positions (poses: and pose elements)
+        mean, var = logits.mean(dim=(0, 1)), logits.var(dim=(0, 1), unbiased=False)
+        logits = (logits - mean) / torch.sqrt(var + 1e-5)
+        mean, var = poses.mean(dim=(0, 1, 3)), poses.var(dim=(0, 1, 3), unbiased=False)
+        poses = (poses - mean[:, None]) / torch.sqrt(var[:, None] + 1e-5)
+    return poses, torch.sigmoid(logits), R_out
+
+
+SETTINGS = {
+    "release": dict(normalisation="patch"),
+    "covering_priors": dict(normalisation="covering", alpha0=2.0, kappa0=0.5, nu0=20.0, psi0=3.0, m0=0.2),
+    "type_no_bn": dict(normalisation="type", batch_norm=False, pose_batch_norm=False, iterations=2),
+}
+
+
+@pytest.mark.parametrize("case", list(SETTINGS))
+def test_vectorised_equals_the_loop_reference_in_values_and_gradients(case):
+    settings = {"iterations": 3, **SETTINGS[case]}
+    routing = build_routing({"name": "vb", **settings}, kind="matrix", out_types=3).double()
+    with torch.no_grad():
+        routing.beta_u.copy_(torch.tensor([0.2, -0.1, 0.4]))
+        routing.beta_a.copy_(torch.tensor([-0.3, 0.5, 0.1]))
+    g = torch.Generator().manual_seed(5)
+    V = torch.randn(2, 4, 9, 2, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    a_in = torch.rand(2, 4, 9, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    got = routing(V, a_in, CONV)
+    ref_settings = {**dict(iterations=3, alpha0=1.0, kappa0=1.0, nu0=17.0, psi0=1.0, m0=0.0), **SETTINGS[case]}
+    bn = [ref_settings.pop("batch_norm", True), ref_settings.pop("pose_batch_norm", True)]
+    assert bn[0] == bn[1]  # the reference normalises both or neither
+    bn = bn[0]
+    want = loop_reference(V, a_in, CONV, beta_u=routing.beta_u, beta_a=routing.beta_a, bn=bn, **ref_settings)
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, atol=1e-10)
+    w = torch.randn(got.poses.shape, generator=g, dtype=torch.float64)
+    params = (V, a_in, routing.beta_u, routing.beta_a)
+    gx = torch.autograd.grad((got.poses * w).sum() + got.activations.sum(), params)
+    gy = torch.autograd.grad((want[0] * w).sum() + want[1].sum(), params)
+    for x, y in zip(gx, gy):
+        assert torch.allclose(x, y, atol=1e-9)
+
+
+def test_priors_keep_a_parent_with_one_child_from_collapsing():
+    """EM's variance of a one-child parent is 0 (only the floor keeps it finite); VB's posterior keeps Psi_0^-1."""
+    cfg = {"name": "vb", "batch_norm": False, "pose_batch_norm": False, "iterations": 1}
+    routing = build_routing(cfg, kind="matrix", out_types=2)
+    V = torch.randn(3, 1, 1, 1, 2, 16)
+    poses, activations, _ = routing(V, torch.ones(3, 1, 1, 1))
+    assert torch.isfinite(poses).all() and ((activations > 1e-6) & (activations < 1 - 1e-6)).all()
+    # the posterior mean shrinks the single vote towards m0 = 0: R_j / (kappa0 + R_j) = 0.5 / 1.5 (R = 1/2)
+    assert torch.allclose(poses, V[:, :, 0, 0] / 3, atol=1e-6)
+
+
+def test_bad_priors_are_refused_before_training():
+    with pytest.raises(ConfigError, match=r"nu0=10.*nu0 > D - 1 = 15.*Fix: model.routing.nu0=null"):
+        build_routing({"name": "vb", "nu0": 10}, kind="matrix", out_types=3)
+    for key in ("alpha0", "kappa0", "psi0"):
+        with pytest.raises(ConfigError, match=f"model.routing.{key}"):
+            build_routing({"name": "vb", key: 0.0}, kind="matrix", out_types=3)
+    with pytest.raises(ConfigError, match="does not support vector capsules"):
+        build_routing({"name": "vb"}, kind="vector", out_types=3)
+
+
+def test_batch_of_one_at_one_position_trains_with_the_running_statistics():
+    routing = build_routing({"name": "vb"}, kind="matrix", out_types=3, role="class")
+    routing.train()
+    poses, activations, _ = routing(torch.randn(1, 1, 6, 2, 3, 16), torch.rand(1, 1, 6, 2))
+    assert torch.isfinite(poses).all() and torch.isfinite(activations).all()
