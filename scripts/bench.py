@@ -21,7 +21,8 @@ Results: a table on stdout and ``outputs/bench/<date>_<time>.json``. Usage::
 
     python scripts/bench.py                       # everything (CPU: ~15 min on 2 cores)
     python scripts/bench.py --cases em_caps_small --steps 3
-    python scripts/bench.py --device cuda --batch-scale 2
+    python scripts/bench.py --device cuda --batch 64
+    python scripts/bench.py --routings            # each routing vs its backbone's own (experiment=routing_comparison)
 """
 
 from __future__ import annotations
@@ -57,6 +58,23 @@ CASES = [
     Case("dr_caps_b128", "dr_caps", 28, 10, 128),
     Case("em_caps_small_norb_b32", "em_caps_small", 32, 5, 32),
     Case("em_caps_norb_b32", "em_caps", 32, 5, 32),
+]
+
+# --routings: every routing on the backbone of experiment=routing_comparison, batch 32; the first of each
+# backbone is the one the others are compared with (dr_caps: dynamic routing; em_caps_small: capsnets' EM routing;
+# ida_caps with the simple backbone: inverted dot-product routing)
+ROUTING_BACKBONES = {
+    "dr_caps": (("dr_caps", 28, 10, ()), ("dynamic", "self_attention", "uniform", "random")),
+    "em_caps_small": (("em_caps_small", 28, 10, ()), ("em_capsnets", "vb", "uniform", "random")),
+    "ida_caps": (
+        ("ida_caps", 28, 10, ("model.net.backbone=simple",)),
+        ("inverted_dot_product", "uniform", "random"),
+    ),
+}
+ROUTING_CASES = [
+    Case(f"{backbone}+{routing}", model, size, classes, 32, (*extra, f"model/routing={routing}"))
+    for backbone, ((model, size, classes, extra), routings) in ROUTING_BACKBONES.items()
+    for routing in routings
 ]
 
 
@@ -252,7 +270,7 @@ def with_batch(case: Case, batch: int | None) -> Case:
 
 
 def run_child(args: argparse.Namespace) -> None:
-    case = with_batch(next(c for c in CASES if c.name == args.child), args.batch)
+    case = with_batch(next(c for c in CASES + ROUTING_CASES if c.name == args.child), args.batch)
     result = measure_case(
         case, impl=args.impl, precision=args.precision, device=args.device, steps=args.steps, warmup=args.warmup
     )
@@ -303,6 +321,27 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def routing_table(report: dict) -> str:
+    """Training img/s of every routing relative to the first routing of its backbone, measured in this run."""
+    lines = [
+        f"capsnets bench --routings, {report['time']}: {report['device_name']} ({report['device']}, "
+        f"{report['threads']} threads), float32, batch 32, 28x28 images, 10 classes",
+        "",
+        "| backbone | routing | train img/s | vs the backbone's own routing | infer img/s | routing share | peak MB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    base: dict[str, float] = {}
+    for row in report["rows"]:
+        backbone, routing = row["case"].split("+", 1)
+        base.setdefault(backbone, row["train_images_per_s"])
+        lines.append(
+            f"| {backbone} | {routing} | {row['train_images_per_s']:.1f} | "
+            f"{row['train_images_per_s'] / base[backbone]:.2f}x | {row['inference_images_per_s']:.1f} | "
+            f"{100 * row['routing_share']:.0f}% | {row['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="*", default=None, help="case names or model names (default: all)")
@@ -312,6 +351,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="every case at this batch size (default: its own)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
     parser.add_argument("--no-user-path", action="store_true", help="skip the train.py figures")
+    parser.add_argument(
+        "--routings",
+        action="store_true",
+        help="instead of the standard cases: every routing on its backbone (float32, batch 32), relative to the "
+        "backbone's own routing (dr_caps: dynamic; em_caps_small: em; ida_caps: inverted dot-product)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -325,12 +370,11 @@ def main() -> None:
 
     from capsnets.nn.routing import ROUTINGS
 
-    cases = [
-        with_batch(c, args.batch) for c in CASES if not args.cases or c.name in args.cases or c.model in args.cases
-    ]
+    pool = ROUTING_CASES if args.routings else CASES
+    cases = [with_batch(c, args.batch) for c in pool if not args.cases or c.name in args.cases or c.model in args.cases]
     if not cases:
-        parser.error(f"no such case; cases: {', '.join(c.name for c in CASES)}")
-    precisions = ["fp32"] + ([] if args.no_bf16 or not native_bf16(args.device) else ["bf16"])
+        parser.error(f"no such case; cases: {', '.join(c.name for c in pool)}")
+    precisions = ["fp32"] + ([] if args.routings or args.no_bf16 or not native_bf16(args.device) else ["bf16"])
     faster_impls = any(len(impls) > 1 for impls in ROUTINGS.values())
     report = {
         "time": datetime.now().isoformat(timespec="seconds"),
@@ -348,13 +392,13 @@ def main() -> None:
             row = in_child(args, case, impl=None, precision=precision)
             if row is None:
                 continue
-            if case.model.startswith("em_") and faster_impls:
+            if case.model.startswith("em_") and faster_impls and not args.routings:
                 row["reference"] = in_child(args, case, impl="reference", precision=precision)
-            if precision == "fp32" and not args.no_user_path:
+            if precision == "fp32" and not args.no_user_path and not args.routings:
                 row["user_path_images_per_s"] = user_path(case, device=args.device, steps=max(args.steps, 8))
             report["rows"].append(row)
             print(f"{case.name} {precision}: {row['train_images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
-    text = table(report)
+    text = routing_table(report) if args.routings else table(report)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")

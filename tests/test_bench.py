@@ -78,3 +78,22 @@ def test_bench_reports_every_figure_of_a_case(tmp_path):
     assert reference["impl"] == "reference" and reference["train_images_per_s"] > 0
     table = (tmp_path / report_path.name.replace(".json", ".md")).read_text()
     assert "speed-up vs reference" in table and "em_caps_small_norb_b32" in table
+
+
+def test_bench_routings_times_each_routing_against_its_backbones_own(tmp_path):
+    cases = ["dr_caps+dynamic", "dr_caps+self_attention", "ida_caps+inverted_dot_product", "ida_caps+random"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--routings", "--cases", *cases]
+        + ["--steps", "1", "--warmup", "0", "--batch", "4", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report_path,) = tmp_path.glob("*.json")
+    rows = {row["case"]: row for row in json.loads(report_path.read_text())["rows"]}
+    assert list(rows) == cases and all(row["precision"] == "fp32" for row in rows.values())
+    assert all(row["train_images_per_s"] > 0 and "reference" not in row for row in rows.values())
+    table = (tmp_path / report_path.name.replace(".json", ".md")).read_text()
+    assert "| dr_caps | dynamic |" in table and "| 1.00x |" in table and "| ida_caps | random |" in table

@@ -139,10 +139,16 @@ def test_routing_comparison_rows_swap_only_the_routing_of_their_backbone(row):
             return_hydra_config=True,
         )
         backbone, routing = row.split("_", 1)
-        plain = compose(
-            config_name="train",
-            overrides=["experiment=routing_comparison", f"model={dict(dr='dr_caps', em='em_caps_small')[backbone]}"],
+        model = {"dr": ["model=dr_caps"], "em": ["model=em_caps_small"]}.get(
+            backbone,
+            [
+                "model=ida_caps",
+                "model.net.backbone=simple",
+                "model.net.primary_types=16",
+                "model.net.caps_types=[16,16]",
+            ],
         )
+        plain = compose(config_name="train", overrides=["experiment=routing_comparison", *model])
     assert row in str(cfg.hydra.sweeper.params["+routing_comparison_row"]).split(",")  # every row file is swept
     assert str(cfg.hydra.sweeper.params["seed"]) == "1,2,3"
     assert cfg.model.routing.name == {"em": "em"}.get(routing, routing)

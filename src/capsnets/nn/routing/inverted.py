@@ -81,6 +81,7 @@ class InvertedDotProductRouting(Routing):
             raise ValueError(
                 f"{self.key}: built for {self.pose_dim}-element poses (pose_dim), got votes of {votes.shape[-1]}."
             )
+        votes = votes.contiguous()  # one copy of a strided view, not one per contraction below
         if previous is None:  # the parents' poses start at 0: every agreement 0, r uniform over each child's parents
             r = layout.softmax(votes.new_zeros((1, *votes.shape[1:5])), over=self.normalisation).expand(votes.shape[:5])
         else:
