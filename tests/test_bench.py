@@ -80,6 +80,7 @@ def test_bench_reports_every_figure_of_a_case(tmp_path):
     assert "speed-up vs reference" in table and "em_caps_small_norb_b32" in table
 
 
+@pytest.mark.slow
 def test_bench_routings_times_each_routing_against_its_backbones_own(tmp_path):
     cases = ["dr_caps+dynamic", "dr_caps+self_attention", "ida_caps+inverted_dot_product", "ida_caps+random"]
     proc = subprocess.run(

@@ -165,11 +165,24 @@ def test_debug_modes_and_loggers(cli, tmp_path, extra, produced):
         assert list((tmp_path / "dbg").glob(produced)), sorted(str(p) for p in (tmp_path / "dbg").rglob("*"))
 
 
-@pytest.mark.parametrize("model", ["cnn_sabour2017", "cnn_hinton2018", "em_caps_small"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "cnn_sabour2017",
+        "cnn_hinton2018",
+        "em_caps_small",
+        "em_caps_small model/routing=vb",
+        "efficient_caps",
+        "ida_caps",
+        "ida_caps model/routing=random",
+    ],
+)
 def test_every_other_model_runs_through_the_cli(cli, tmp_path, model):
+    model, *routing = model.split()
     proc = cli(
         "train.py",
         f"model={model}",
+        *routing,
         "data=synthetic",
         "debug=fdr",
         "data.batch_size=8",

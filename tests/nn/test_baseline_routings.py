@@ -9,6 +9,8 @@ from capsnets.errors import ConfigError
 from capsnets.nn import squash
 from capsnets.nn.conv_caps import conv_child_index
 from capsnets.nn.routing import ChildLayout, build_routing
+from capsnets.nn.routing.baselines import fixed_logits
+from capsnets.nn.routing.em import m_step
 
 CONV = ChildLayout(conv_child_index(4, 4, kernel_size=3, stride=1), 16)
 
@@ -60,13 +62,17 @@ def test_uniform_on_matrix_capsules_is_em_routing_with_one_iteration(normalisati
             r.beta_u.copy_(torch.tensor([0.3, -0.2, 0.1]))
             r.beta_a.copy_(torch.tensor([-0.5, 0.4, 0.0]))
     got, want = uniform(V, a_in, CONV), em(V, a_in, CONV)
-    if normalisation == "type":
-        assert torch.allclose(CONV.child_totals(got.assignments), torch.full((2, 16, 2), 3.0, dtype=torch.float64))
-        return
+    if normalisation == "type":  # one unit per parent type, split equally over the covering positions: the M-step on it
+        R = (1.0 / CONV.covering().index_select(0, CONV.child_index).double()).view(1, 4, 9, 1, 1).expand(2, 4, 9, 2, 3)
+        assert torch.allclose(got.assignments, R)
+        mu, _, logits = m_step(
+            R, a_in, V, beta_u=em.beta_u, beta_a=em.beta_a, lambda_=em.lambdas[-1], var_floor=5e-4, eps=1e-8
+        )
+        want = (mu, torch.sigmoid(logits), R)
     for x, y in zip(got, want):
         assert torch.allclose(x, y, atol=1e-12)
     gx = torch.autograd.grad(got.poses.sum() + got.activations.sum(), (V, a_in, uniform.beta_u, uniform.beta_a))
-    gy = torch.autograd.grad(want.poses.sum() + want.activations.sum(), (V, a_in, em.beta_u, em.beta_a))
+    gy = torch.autograd.grad(want[0].sum() + want[1].sum(), (V, a_in, em.beta_u, em.beta_a))
     assert all(torch.allclose(x, y, atol=1e-10) for x, y in zip(gx, gy))
 
 
@@ -81,8 +87,11 @@ def test_random_assignments_are_a_fixed_softmax_of_gaussian_logits_over_each_chi
     routing = make("random", "vector", logit_std=2.0, seed=7)
     u_hat = torch.randn(2, 4, 9, 2, 3, 5, dtype=torch.float64)
     _, _, c = routing(u_hat, None, CONV)
-    logits = 2.0 * torch.randn((1, 4, 9, 2, 3), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    assert torch.allclose(c, CONV.softmax(logits).expand_as(c))
+    logits = fixed_logits(7, (4, 9, 2, 3), "hidden")
+    assert abs(logits.mean()) < 0.2 and abs(logits.std() - 1) < 0.2  # standard normal draws ...
+    assert torch.allclose(c, CONV.softmax(2.0 * logits).expand_as(c))  # ... scaled by logit_std, over the parents
+    other_layer = fixed_logits(7, (4, 9, 2, 4), "hidden")  # another shape: an independent draw, not the same stream
+    assert not torch.allclose(other_layer.flatten()[:50], logits.flatten()[:50])
     assert torch.allclose(CONV.child_totals(c), torch.ones(2, 16, 2, dtype=torch.float64))
     assert torch.equal(c[0], c[1]) and c.std() > 0.05  # one draw, shared by the examples, not uniform
     routing.train()
@@ -111,3 +120,19 @@ def test_vector_baselines_have_no_parameters_and_refuse_matrix_settings():
         make("random", "matrix", logit_std=-1.0)
     with pytest.raises(ConfigError, match="model.routing.redraw must be true or false"):
         make("random", "vector", redraw="no")
+
+
+def test_uniform_on_pose_capsules_is_inverted_dot_product_routing_with_one_iteration():
+    votes = torch.randn(2, 4, 9, 2, 3, 16, dtype=torch.float64, requires_grad=True)
+    uniform = make("uniform", "pose").double()
+    inverted = make("inverted_dot_product", "pose", iterations=1).double()
+    with torch.no_grad():
+        for r in (uniform, inverted):  # the same learned LayerNorm gain and bias
+            r.norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+            r.norm.bias.copy_(torch.linspace(-0.2, 0.2, 16))
+    got, want = uniform(votes, None, CONV), inverted(votes, None, CONV)
+    assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(got, want))
+    assert torch.allclose(got.assignments.sum(-1), torch.ones(2, 4, 9, 2, dtype=torch.float64))  # per slot (patch)
+    assert {n for n, _ in uniform.named_parameters()} == {"norm.weight", "norm.bias"}
+    with pytest.raises(ConfigError, match="pose_dim is a setting of routings on pose capsules only"):
+        make("uniform", "vector", pose_dim=16)

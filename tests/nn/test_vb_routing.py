@@ -146,3 +146,69 @@ def test_batch_of_one_at_one_position_trains_with_the_running_statistics():
     routing.train()
     poses, activations, _ = routing(torch.randn(1, 1, 6, 2, 3, 16), torch.rand(1, 1, 6, 2))
     assert torch.isfinite(poses).all() and torch.isfinite(activations).all()
+
+
+def release_first_pass(V, a_in, beta_u, beta_a):
+    """The authors' release (vb_routing.py, update_qparam and forward) for one iteration, transcribed with its
+    simplifications for m0 = 0, kappa0 = 1, Psi0 = I, nu0 = D + 1, alpha0 = 1; R starts at 1 / C per slot."""
+    d = V.shape[-1]
+    R = torch.full(V.shape[:5], 1.0 / V.shape[4], dtype=V.dtype) * a_in[..., None]
+    R_j = R.sum(dim=(2, 3))
+    alpha, kappa, nu = 1.0 + R_j, 1.0 + R_j, d + 1.0 + R_j
+    mu = (R[..., None] * V).sum(dim=(2, 3)) / R_j[..., None]
+    m = R_j[..., None] * mu / kappa[..., None]
+    sigma = (R[..., None] * (V - mu[:, :, None, None]) ** 2).sum(dim=(2, 3))
+    inv_psi = 1.0 + sigma + (R_j / kappa)[..., None] * mu**2
+    lndet_psi = -torch.log(inv_psi).sum(-1)
+    e_ln_lambda = torch.digamma(0.5 * (nu[..., None] - torch.arange(d, dtype=V.dtype))).sum(-1) + d * math.log(2)
+    e_ln_lambda = e_ln_lambda + lndet_psi
+    e_ln_pi = torch.digamma(alpha) - torch.digamma(alpha.sum(-1, keepdim=True))
+    H = 0.5 * d * math.log(2 * math.pi * math.e) - 0.5 * e_ln_lambda
+    a = beta_a - (torch.exp(e_ln_pi) * H + beta_u)
+    a = (a - a.mean(dim=(0, 1))) / torch.sqrt(a.var(dim=(0, 1), unbiased=False) + 1e-5)  # BN_a (no affine)
+    pm, pv = m.mean(dim=(0, 1, 3)), m.var(dim=(0, 1, 3), unbiased=False)
+    m_bn = (m - pm[:, None]) / torch.sqrt(pv[:, None] + 1e-5)  # BN_v over batch, positions and pose elements
+    q = dict(m=m, inv_psi=inv_psi, kappa=kappa, nu=nu, e_ln_pi=e_ln_pi, e_ln_lambda=e_ln_lambda)
+    return m_bn, torch.sigmoid(a), q
+
+
+def test_matches_the_authors_release_and_departs_only_in_the_pi_factor_of_R():
+    g = torch.Generator().manual_seed(11)
+    V = torch.randn(3, 4, 9, 2, 3, 16, generator=g, dtype=torch.float64)
+    a_in = torch.rand(3, 4, 9, 2, generator=g, dtype=torch.float64)
+    beta_u, beta_a = torch.tensor([0.1, -0.2, 0.3]), torch.tensor([0.4, 0.0, -0.1])
+    one = build_routing({"name": "vb", "iterations": 1}, kind="matrix", out_types=3).double()
+    with torch.no_grad():
+        one.beta_u.copy_(beta_u)
+        one.beta_a.copy_(beta_a)
+    poses, activations, _ = one(V, a_in, CONV)
+    release_poses, release_activations, q = release_first_pass(V, a_in, beta_u.double(), beta_a.double())
+    assert torch.allclose(poses, release_poses, atol=1e-10)
+    assert torch.allclose(activations, release_activations, atol=1e-10)
+    # the q(R) update: the release's R_ij = p_j / sum_k pi_k p_k; the paper's (capsnets') = pi_j p_j / sum_k pi_k p_k
+    two = build_routing({"name": "vb", "iterations": 2}, kind="matrix", out_types=3).double()
+    two.load_state_dict(one.state_dict())
+    R = two(V, a_in, CONV).assignments
+    deviation = ((V - q["m"][:, :, None, None]) ** 2 / q["inv_psi"][:, :, None, None]).sum(-1)
+    quad = 16 / q["kappa"][:, :, None, None] + q["nu"][:, :, None, None] * deviation
+    ln_p = 0.5 * q["e_ln_lambda"][:, :, None, None] - 8 * math.log(2 * math.pi) - 0.5 * quad
+    ln_pi = q["e_ln_pi"][:, :, None, None]
+    release_R = torch.exp(ln_p - torch.logsumexp(ln_pi + ln_p, dim=-1, keepdim=True))
+    assert torch.allclose(R, torch.exp(ln_pi) * release_R, atol=1e-10)
+    assert torch.allclose(R.sum(-1), torch.ones_like(R[..., 0]))  # sums to 1; the release's need not
+    assert not torch.allclose(release_R.sum(-1), torch.ones_like(R[..., 0]), atol=1e-3)
+
+
+def test_evaluation_uses_the_running_statistics_of_training():
+    routing = build_routing({"name": "vb", "iterations": 1}, kind="matrix", out_types=3).double()
+    V = torch.randn(4, 4, 9, 2, 3, 16, dtype=torch.float64)
+    a_in = torch.rand(4, 4, 9, 2, dtype=torch.float64)
+    routing.train()
+    routing(V, a_in, CONV)
+    assert not torch.allclose(routing.bn_a.running_mean, torch.zeros(3, dtype=torch.float64))  # updated in training
+    routing.eval()
+    _, activations, _ = routing(V, a_in, CONV)
+    plain = {"name": "vb", "iterations": 1, "batch_norm": False, "pose_batch_norm": False}
+    logits = torch.logit(build_routing(plain, kind="matrix", out_types=3).double()(V, a_in, CONV).activations)
+    mean, var = routing.bn_a.running_mean, routing.bn_a.running_var
+    assert torch.allclose(activations, torch.sigmoid((logits - mean) / torch.sqrt(var + 1e-5)), atol=1e-8)

@@ -2,10 +2,10 @@
 
 The paper's MNIST network (Sec. 3, Fig. 1)::
 
-    input 28x28 -> Conv 5x5, 32  -> BN, ReLU      24x24
-                -> Conv 3x3, 64  -> BN, ReLU      22x22
-                -> Conv 3x3, 64  -> BN, ReLU      20x20
-                -> Conv 3x3, 128, stride 2 -> BN, ReLU   9x9
+    input 28x28 -> Conv 5x5, 32  -> ReLU, BN      24x24
+                -> Conv 3x3, 64  -> ReLU, BN      22x22
+                -> Conv 3x3, 64  -> ReLU, BN      20x20
+                -> Conv 3x3, 128, stride 2 -> ReLU, BN   9x9
                 -> PrimaryCaps: depthwise Conv 9x9 (128 channels) -> 16 capsules of 8D, squash (Eq. 7)
                 -> FCCaps: u_hat_{l,n} = u_l W_{l,n}, self-attention routing -> 10 capsules of 16D
     [+ decoder FC 512 ReLU -> FC 1024 ReLU -> FC 784 sigmoid, from the masked class capsules]
@@ -57,7 +57,7 @@ class EfficientCapsNet(nn.Module):
     """Conv stack -> depthwise PrimaryCaps -> fully connected class capsules with any vector routing [+ decoder].
 
     Args:
-        conv_channels, conv_kernels, conv_strides: the convolutional stem (each conv -> BN -> ReLU).
+        conv_channels, conv_kernels, conv_strides: the convolutional stem (each conv -> ReLU -> BN, as the release).
         primary_dim: dimension of the primary capsules (paper: 8; 128 channels -> 16 capsules).
         primary_kernel: the depthwise kernel (paper: 9, the whole 9x9 grid of MNIST).
         class_dim: dimension of the class capsules (paper: 16).
@@ -113,8 +113,9 @@ class EfficientCapsNet(nn.Module):
         layers: list[nn.Module] = []
         channels, size, sizes = in_channels, image_size, []
         for out_channels, kernel, stride in zip(conv_channels, conv_kernels, conv_strides):
-            layers += [nn.Conv2d(channels, out_channels, kernel, stride=stride), nn.BatchNorm2d(out_channels)]
-            layers.append(nn.ReLU(inplace=True))
+            # the release: Conv2D(..., activation="relu") then BatchNormalization, so BN follows the ReLU
+            layers += [nn.Conv2d(channels, out_channels, kernel, stride=stride), nn.ReLU(inplace=True)]
+            layers.append(nn.BatchNorm2d(out_channels))
             channels, size = out_channels, (size - kernel) // stride + 1 if size >= kernel else 0
             sizes.append(size)
         grid = size - primary_kernel + 1

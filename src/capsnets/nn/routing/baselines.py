@@ -9,16 +9,17 @@ network, with the iterative procedure replaced by assignments that look at nothi
   its covering positions, as the E-step normalises it);
 * ``random``: each child's assignments a softmax of random logits ``b_ij ~ N(0, logit_std^2)``
   over its parents. By default one fixed draw per (patch, slot, type, parent) (``seed``), the same
-  for every example and step, i.e. a fixed random routing; ``redraw: true`` draws fresh logits for
+  for every example and step (each layer its own draw), i.e. a fixed random routing; ``redraw: true`` draws fresh logits for
   every example at every training step (evaluation keeps the fixed draw, so it is repeatable).
 
 From the assignments ``c`` (B, P, K, T_in, T_out) the parents are formed exactly as the routing
 they stand in for forms them:
 
 * vector capsules (dynamic routing's lines 5-6): ``s_j = sum_i c_ij u_hat_{j|i}``, ``v_j = squash(s_j)``;
-* pose capsules (inverted dot-product attention routing's pose update, without its learned affine
-  parameters): ``p_j = LayerNorm(sum_i c_ij v_ij)``, each child's ``c`` normalised over the parent types
-  of its patch, as that routing's release does;
+* pose capsules (inverted dot-product attention routing's pose update, its learned LayerNorm gain and bias
+  included, over ``pose_dim`` elements): ``p_j = LayerNorm(sum_i c_ij v_ij)``, each child's ``c`` normalised
+  over the parent types of its patch, as that routing's release does; ``uniform`` is then exactly
+  ``inverted_dot_product`` with one iteration;
 * matrix capsules (one M-step of EM routing, Procedure 1): ``R_ij <- c_ij a_i``, ``mu_j``, ``sigma_j^2``,
   ``cost^h`` and ``a_j = logistic(lambda (beta_a - sum_h cost^h))``, with the M-step settings of
   ``model/routing=em`` (:class:`~capsnets.nn.routing.em.EMRoutingBase`). The defaults are those of
@@ -31,10 +32,11 @@ Shapes (see :mod:`capsnets.nn.routing.base`): votes (B, P, K, T_in, T_out, D), a
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from capsnets.errors import ConfigError
 from capsnets.nn.routing.base import RoutingResult, RoutingTrace, register_routing
@@ -58,8 +60,10 @@ class AssignmentBaseline(EMRoutingBase):
 
     vector_settings: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, *, pose_dim: int | None = None, **settings: Any) -> None:
         kind, key = settings.get("kind"), settings.get("key", "model.routing")
+        if pose_dim is not None and kind != "pose":
+            raise ConfigError(f"{key}.pose_dim is a setting of routings on pose capsules only; remove it.")
         chosen = set(settings) - set(LAYER_KEYS)
         if kind in ("vector", "pose"):
             matrix_only = sorted(chosen - self.vector_settings - {"iterations"})
@@ -76,6 +80,8 @@ class AssignmentBaseline(EMRoutingBase):
             del self.beta_u, self.beta_a
             # the normalisation of the routing stood in for: dynamic routing's, inverted dot-product routing's
             self.normalisation = {"vector": "covering", "pose": "patch"}[self.kind]
+        if self.kind == "pose":  # inverted dot-product routing's LayerNorm, learned gain and bias
+            self.norm = nn.LayerNorm(require_int(f"{self.key}.pose_dim", 16 if pose_dim is None else pose_dim))
 
     def assignments(self, shape: torch.Size, like: torch.Tensor, layout: ChildLayout) -> torch.Tensor:
         """(B, P, K, T_in, T_out) assignments, each child's summing to 1 over its parents (``type``: per type)."""
@@ -99,7 +105,7 @@ class AssignmentBaseline(EMRoutingBase):
         if self.kind == "pose":
             c = self.assignments(votes.shape[:5], votes, layout)  # (B, P, K, T_in, T_out)
             s = torch.einsum("bpkio,bpkiod->bpod", c, votes)  # (B, P, T_out, D)
-            poses, share = F.layer_norm(s, s.shape[-1:]), parent_share(c)
+            poses, share = self.norm(s), parent_share(c)
             if trace is not None:
                 trace.record(c, share)
             return RoutingResult(poses, share, c)
@@ -129,6 +135,13 @@ class AssignmentBaseline(EMRoutingBase):
         return super().extra_repr()
 
 
+def fixed_logits(seed: int, slots: tuple[int, ...], role: str) -> torch.Tensor:
+    """(1, P, K, T_in, T_out) standard normal logits, drawn on the CPU from ``seed`` mixed with the layer's slot shape
+    and role, so layers of different shapes get independent draws."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{slots}:{role}".encode()))
+    return torch.randn((1, *slots), generator=generator, dtype=torch.float64)
+
+
 @register_routing("uniform", kinds=("vector", "matrix", "pose"))
 class UniformRouting(AssignmentBaseline):
     """Uniform assignments, no iterations: ``c_ij = 1 / |parents of child i|``."""
@@ -145,7 +158,8 @@ class RandomRouting(AssignmentBaseline):
 
     Args:
         logit_std: spread of the logits (0.5: mild preferences; 5: nearly one parent per child).
-        seed: seed of the fixed draw (one per patch, slot, type and parent, shared by all examples).
+        seed: seed of the fixed draw (one per patch, slot, type and parent, shared by all examples; mixed with the
+            layer's shape and role, so the layers of a network draw independently).
         redraw: draw fresh logits for every example at every training step (evaluation: the fixed draw).
     """
 
@@ -160,10 +174,8 @@ class RandomRouting(AssignmentBaseline):
     def assignments(self, shape: torch.Size, like: torch.Tensor, layout: ChildLayout) -> torch.Tensor:
         if self.redraw and self.training:
             logits = torch.randn(shape, device=like.device, dtype=like.dtype)  # (B, P, K, T_in, T_out)
-        else:  # the same draw at every call: drawn on the CPU from ``seed``, whatever the device
-            generator = torch.Generator().manual_seed(self.seed)
-            logits = torch.randn((1, *shape[1:]), generator=generator, dtype=torch.float64)
-            logits = logits.to(device=like.device, dtype=like.dtype)  # (1, P, K, T_in, T_out)
+        else:  # the same draw at every call, whatever the device
+            logits = fixed_logits(self.seed, tuple(shape[1:]), self.role).to(device=like.device, dtype=like.dtype)
         return layout.softmax(self.logit_std * logits, over=self.over).expand(shape)
 
     def extra_repr(self) -> str:

@@ -5,7 +5,8 @@ Parents compete for the attention of their children: a child's routing probabili
 softmax over its parents of the agreement between the parent's current pose and the child's
 vote, and a parent's pose is the layer-normalised, probability-weighted sum of its votes::
 
-    v_ij = W_ij p_i                                     votes (the layer computes them), (B, P, K, T_in, T_out, D)
+    v_ij = M_i W_ij                                     votes: child pose M_i (4x4) times W_ij (the layer computes
+                                                        them), (B, P, K, T_in, T_out, D)
     iteration 1 (initialisation, "one pass"):  r_ij = 1 / |parents of i|   (the parents' poses start at 0)
     iteration t > 1:
         a_ij = p_j^T v_ij / sqrt(D)                     agreement with the previous iteration's parent pose

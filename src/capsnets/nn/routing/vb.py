@@ -30,7 +30,8 @@ a logistic of the weighted negative entropy of the posterior over ``(mu_j, Lambd
         H_j = D/2 ln(2 pi e) - E[ln |Lambda_j|] / 2
         a_j = logistic(BN(beta_a - (exp(E[ln pi_j]) H_j + beta_u)))
 
-with ``BN`` a batch normalisation without affine parameters per parent type (``batch_norm``), and the
+with ``BN`` a batch normalisation without affine parameters per parent type (``batch_norm``; a routing trace
+records every iteration's activation before it, so the iterations are comparable), and the
 poses likewise batch-normalised per parent type before the next layer (``pose_batch_norm``). The
 release's priors are the defaults: ``alpha_0 = 1``, ``m_0 = 0``, ``kappa_0 = 1``, ``Psi_0 = I``,
 ``nu_0 = D + 1``, 3 iterations, and its per-patch normalisation. Where capsnets departs from the
@@ -205,6 +206,8 @@ class VBRouting(Routing):
         logits = vb_activation_logits(
             q, beta_u=self.beta_u.to(V.dtype), beta_a=self.beta_a.to(V.dtype)
         )  # (B, P, T_out)
+        if trace is not None:  # every iteration's activation before the batch norm, the last one included
+            trace.record(R, torch.sigmoid(logits))
         poses = q["m"]  # (B, P, T_out, D)
         if self.bn_a is not None:  # per parent type over examples and positions
             logits = batch_norm(self.bn_a, logits.transpose(1, 2)).transpose(1, 2)
@@ -212,8 +215,6 @@ class VBRouting(Routing):
             flat = poses.permute(0, 2, 1, 3).reshape(b, t_out, p * d)  # (B, T_out, P*D)
             poses = batch_norm(self.bn_pose, flat).view(b, t_out, p, d).permute(0, 2, 1, 3)
         activations = torch.sigmoid(logits)
-        if trace is not None:
-            trace.record(R, activations)
         return RoutingResult(poses, activations, R)
 
     def extra_repr(self) -> str:
