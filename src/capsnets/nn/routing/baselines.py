@@ -9,8 +9,9 @@ network, with the iterative procedure replaced by assignments that look at nothi
   its covering positions, as the E-step normalises it);
 * ``random``: each child's assignments a softmax of random logits ``b_ij ~ N(0, logit_std^2)``
   over its parents. By default one fixed draw per (patch, slot, type, parent) (``seed``), the same
-  for every example and step (each layer its own draw), i.e. a fixed random routing; ``redraw: true`` draws fresh logits for
-  every example at every training step (evaluation keeps the fixed draw, so it is repeatable).
+  for every example and step (each layer its own draw), i.e. a fixed random routing; ``redraw: true``
+  draws fresh logits for every example at every training step (evaluation keeps the fixed draw, so it
+  is repeatable).
 
 From the assignments ``c`` (B, P, K, T_in, T_out) the parents are formed exactly as the routing
 they stand in for forms them:
