@@ -62,12 +62,17 @@ CASES = [
 
 # --routings: every routing on the backbone of experiment=routing_comparison, batch 32; the first of each
 # backbone is the one the others are compared with (dr_caps: dynamic routing; em_caps_small: capsnets' EM routing;
-# ida_caps with the simple backbone: inverted dot-product routing)
+# ida_caps at the comparison's CPU budget, simple backbone and 16 types: inverted dot-product routing)
 ROUTING_BACKBONES = {
     "dr_caps": (("dr_caps", 28, 10, ()), ("dynamic", "self_attention", "uniform", "random")),
     "em_caps_small": (("em_caps_small", 28, 10, ()), ("em_capsnets", "vb", "uniform", "random")),
     "ida_caps": (
-        ("ida_caps", 28, 10, ("model.net.backbone=simple",)),
+        (
+            "ida_caps",
+            28,
+            10,
+            ("model.net.backbone=simple", "model.net.primary_types=16", "model.net.caps_types=[16,16]"),
+        ),
         ("inverted_dot_product", "uniform", "random"),
     ),
 }
