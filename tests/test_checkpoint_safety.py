@@ -59,7 +59,13 @@ def test_a_good_checkpoint_rebuilds_its_model(dr_ckpt):
 def test_only_registered_classes_resolve():
     assert resolve("model", "capsnets.models.EMCapsModule", "test").__name__ == "EMCapsModule"
     assert resolve("datamodule", "capsnets.data.mnist.MNISTDataModule", "test").__name__ == "MNISTDataModule"
-    assert {cls.__name__ for cls in registered("model").values()} == {"DRCapsModule", "EMCapsModule", "CNNModule"}
+    assert {cls.__name__ for cls in registered("model").values()} == {
+        "DRCapsModule",
+        "EMCapsModule",
+        "CNNModule",
+        "EfficientCapsModule",
+        "IDACapsModule",
+    }
     for path in ("subprocess.run", "os.system", "builtins.eval", "torch.nn.Linear", "capsnets.models.CapsuleView"):
         with pytest.raises(ConfigError, match="capsnets does not build"):
             resolve("model", path, "test")

@@ -36,7 +36,7 @@ def routing_case(draw, kind: str):  # noqa: ANN001, ANN201
         p = index.numel() // k
     else:
         layout, p, k = ChildLayout(), 1, draw(st.integers(1, 8))
-    d = 16 if kind == "matrix" else draw(st.sampled_from([4, 8]))
+    d = 16 if kind in ("matrix", "pose") else draw(st.sampled_from([4, 8]))  # pose capsules: 16-element poses
     seed = draw(st.integers(0, 2**16))
     scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
     spread = draw(st.sampled_from([0.0, 1e-7, 1e-4, 1.0]))  # 0: every vote of a parent identical
@@ -57,7 +57,8 @@ def test_routing_invariants_hold_on_random_cases(name, impl, kind):
     @given(case=routing_case(kind))
     def check(case) -> None:  # noqa: ANN001
         votes, a_in, layout = case
-        routing = build_routing({"name": name, "impl": impl}, kind=kind, out_types=votes.shape[4])
+        cfg = {"name": name, "impl": impl}
+        routing = build_routing(cfg, kind=kind, out_types=votes.shape[4], in_slots=tuple(votes.shape[2:4]))
         votes = votes.clone().requires_grad_(True)
         if a_in is not None:
             a_in = a_in.clone().requires_grad_(True)
@@ -67,9 +68,16 @@ def test_routing_invariants_hold_on_random_cases(name, impl, kind):
         assert assignments.shape == (b, p, k, t_in, t_out)
         assert all(torch.isfinite(x).all() for x in (poses, activations, assignments))
         assert ((activations >= 0) & (activations <= 1 + 1e-6)).all()  # a squashed length rounds to 1 + 1 ulp
-        totals = layout.child_totals(assignments)  # each child's assignments: 1 over its parents, 0 if none
-        covered = layout.child_totals(torch.ones_like(assignments)) > 0
-        assert torch.allclose(totals, covered.to(totals.dtype), atol=1e-5)
+        # each child's assignments: 1 over its parents (per parent type: 1 to each type; per patch: every slot
+        # its own child), 0 for a child no patch covers
+        normalisation = getattr(routing, "normalisation", "covering") if layout.shared else "covering"
+        if normalisation == "patch":
+            assert torch.allclose(assignments.sum(dim=-1), torch.ones_like(assignments[..., 0]), atol=1e-5)
+        else:
+            totals = layout.child_totals(assignments)
+            covered = layout.child_totals(torch.ones_like(assignments)) > 0
+            per_child = t_out if normalisation == "type" else 1
+            assert torch.allclose(totals, per_child * covered.to(totals.dtype), atol=1e-5)
         (poses.sum() + activations.sum()).backward()
         grads = [votes.grad, *(x.grad for x in (a_in,) if x is not None), *(q.grad for q in routing.parameters())]
         assert all(g is None or torch.isfinite(g).all() for g in grads)
