@@ -29,7 +29,7 @@ from capsnets.errors import ConfigError
 from capsnets.nn import ReconstructionDecoder, RoutingCapsules
 from capsnets.nn.routing import build_routing
 from capsnets.nn.squash import efficient_squash
-from capsnets.utils.validation import require_int, require_positive
+from capsnets.utils.validation import require_int, require_int_lists, require_positive
 
 
 class DepthwisePrimaryCapsules(nn.Module):
@@ -93,18 +93,8 @@ class EfficientCapsNet(nn.Module):
         }.items():
             require_int(f"model.net.{key}", value)
         require_int("model.net.num_classes", num_classes, minimum=2)
-        if not len(conv_channels) == len(conv_kernels) == len(conv_strides) >= 1:
-            raise ConfigError(
-                "model.net.conv_channels, conv_kernels and conv_strides must be lists of the same length >= 1, got "
-                f"{list(conv_channels)}, {list(conv_kernels)}, {list(conv_strides)}."
-            )
-        for name, values in {
-            "conv_channels": conv_channels,
-            "conv_kernels": conv_kernels,
-            "conv_strides": conv_strides,
-        }.items():
-            for i, value in enumerate(values):
-                require_int(f"model.net.{name}[{i}]", value)
+        lists = {"conv_channels": conv_channels, "conv_kernels": conv_kernels, "conv_strides": conv_strides}
+        require_int_lists("model.net.", lists, min_length=1)
         for i, width in enumerate(decoder_hidden):
             require_int(f"model.net.decoder_hidden[{i}]", width)
         if weight_init_std is not None:

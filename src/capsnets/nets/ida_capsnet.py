@@ -32,7 +32,7 @@ from capsnets.errors import ConfigError
 from capsnets.nn.conv_caps import conv_child_index
 from capsnets.nn.matrix_caps import MATRIX_SIDE, POSE_SIZE, capsule_votes
 from capsnets.nn.routing import ChildLayout, Routing, RoutingResult, RoutingTrace, build_routing
-from capsnets.utils.validation import require_choice, require_int
+from capsnets.utils.validation import require_choice, require_int, require_int_lists
 
 BACKBONES = ("resnet", "simple")
 ROUTING_MODES = ("concurrent", "sequential")
@@ -130,11 +130,17 @@ class PoseCapsules(nn.Module):
             V, layout = self.votes(pose.to(torch.promote_types(pose.dtype, torch.float32)))
             return self.unflatten(self.routing(V, None, layout).poses, pose.shape[1:3])
 
-    def step(self, pose: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        """One routing iteration from the children's poses and the parents' ``previous`` poses (None: first)."""
+    def step(
+        self,
+        pose: torch.Tensor,
+        previous: torch.Tensor | None,
+        votes: tuple[torch.Tensor, ChildLayout] | None = None,
+    ) -> torch.Tensor:
+        """One routing iteration from the children's poses and the parents' ``previous`` poses (None: first);
+        ``votes``: this layer's votes of ``pose`` when already computed (they depend on ``pose`` only)."""
         routing = self.routing
         with torch.autocast(device_type=pose.device.type, enabled=False):  # votes and routing in float32
-            V, layout = self.votes(pose.to(torch.promote_types(pose.dtype, torch.float32)))
+            V, layout = votes or self.votes(pose.to(torch.promote_types(pose.dtype, torch.float32)))
             if previous is None:
                 routing.trace = RoutingTrace(layout) if routing.record_trace else None
             else:
@@ -186,18 +192,8 @@ class IDACapsNet(nn.Module):
         require_int("model.net.num_classes", num_classes, minimum=2)
         require_choice("model.net.backbone", backbone, BACKBONES)
         self.routing_mode = require_choice("model.net.routing_mode", routing_mode, ROUTING_MODES)
-        if not len(caps_types) == len(caps_kernels) == len(caps_strides):
-            raise ConfigError(
-                "model.net.caps_types, caps_kernels and caps_strides must be lists of the same length, got "
-                f"{list(caps_types)}, {list(caps_kernels)}, {list(caps_strides)}."
-            )
-        for name, values in {
-            "caps_types": caps_types,
-            "caps_kernels": caps_kernels,
-            "caps_strides": caps_strides,
-        }.items():
-            for i, value in enumerate(values):
-                require_int(f"model.net.{name}[{i}]", value)
+        lists = {"caps_types": caps_types, "caps_kernels": caps_kernels, "caps_strides": caps_strides}
+        require_int_lists("model.net.", lists)
         routing = routing or {"name": "inverted_dot_product"}
 
         self.backbone = make_backbone(backbone, in_channels, backbone_channels, backbone_stride)
@@ -249,11 +245,17 @@ class IDACapsNet(nn.Module):
                 pose = layer(pose)
             return pose.flatten(1, 3)
         iterations = max(layer.routing.iterations for layer in layers)
-        values = [pose]
-        for layer in layers:  # the initialising pass: uniform routing, layer after layer
+        with torch.autocast(device_type=pose.device.type, enabled=False):  # the primary capsules never change:
+            first = layers[0].votes(pose.to(torch.promote_types(pose.dtype, torch.float32)))  # their votes once
+        values = [pose, layers[0].step(pose, None, first)]
+        for layer in layers[1:]:  # the initialising pass: uniform routing, layer after layer
             values.append(layer.step(values[-1], None))
         for _ in range(iterations - 1):  # every layer at once, from the previous round's poses
-            values = [values[0], *(layer.step(values[i], values[i + 1]) for i, layer in enumerate(layers))]
+            values = [
+                values[0],
+                layers[0].step(values[0], values[1], first),
+                *(layer.step(values[i], values[i + 1]) for i, layer in enumerate(layers) if i > 0),
+            ]
         return values[-1].flatten(1, 3)  # (B, 1, 1, K, 16) -> (B, K, 16)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,3 +53,17 @@ def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
         hint = f" Did you mean {key}={close[0]}?" if close else ""
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}.{hint}")
     return value
+
+
+def require_int_lists(prefix: str, lists: dict[str, Any], *, min_length: int = 0) -> None:
+    """Parallel lists of positive integers (one entry per layer): the same length (>= ``min_length``), every entry an
+    int >= 1; ConfigError naming the keys (``prefix`` + name) otherwise."""
+    names, values = list(lists), [list(v) for v in lists.values()]
+    if len({len(v) for v in values}) != 1 or len(values[0]) < min_length:
+        keys = ", ".join(f"{prefix}{n}" for n in names)
+        raise ConfigError(
+            f"{keys} must be lists of the same length >= {min_length}, got {', '.join(str(v) for v in values)}."
+        )
+    for name, items in zip(names, values):
+        for i, value in enumerate(items):
+            require_int(f"{prefix}{name}[{i}]", value)
