@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ class EMCapsNet(nn.Module):
         coordinate_scale: float = 1.0,
         caps_init_std: float | None = None,
         class_init_std: float | None = None,
+        conv1_norm: Literal["none", "batch"] = "none",
         routing: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -67,6 +68,7 @@ class EMCapsNet(nn.Module):
             require_int(f"model.net.{key}", value)
         require_int("model.net.num_classes", num_classes, minimum=2)
         require_choice("model.net.pose", pose, ("matrix", "vector"))
+        require_choice("model.net.conv1_norm", conv1_norm, ("none", "batch"))
         for key, value in {"caps_init_std": caps_init_std, "class_init_std": class_init_std}.items():
             if value is not None:
                 require_positive(f"model.net.{key}", value)
@@ -84,7 +86,10 @@ class EMCapsNet(nn.Module):
         def route(out_types: int, role: str = "hidden"):  # one routing (and its own betas) per capsule layer
             return build_routing(routing, kind="matrix", out_types=out_types, role=role)
 
-        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, A, conv1_kernel, stride=conv1_stride), nn.ReLU(inplace=True))
+        # conv1_norm="batch": Conv -> BatchNorm -> ReLU (not in the paper or the authors' release; see em_caps.yaml)
+        conv = nn.Conv2d(in_channels, A, conv1_kernel, stride=conv1_stride, bias=conv1_norm == "none")
+        norm = [nn.BatchNorm2d(A)] if conv1_norm == "batch" else []
+        self.conv1 = nn.Sequential(conv, *norm, nn.ReLU(inplace=True))
         self.primary = PrimaryMatrixCapsules(A, num_types=B)
         self.caps1 = ConvCapsules(
             in_types=B,
