@@ -158,3 +158,24 @@ def test_init_std_and_coordinate_scale_reach_their_layers():
     assert torch.allclose(votes[0, 3, 0, 0, [3, 7]], torch.tensor([0.75, 0.75]) * 0.16)
     with pytest.raises(ConfigError, match="model.net.class_init_std"):
         EMCapsNet(**NORB, **TINY, class_init_std=0.0)
+
+
+def test_conv1_norm_batch_adds_batchnorm_to_conv1_and_changes_nothing_else():
+    torch.manual_seed(0)
+    plain = EMCapsNet(**NORB, **TINY)
+    torch.manual_seed(0)
+    normed = EMCapsNet(**NORB, **TINY, conv1_norm="batch")
+    assert [type(m) for m in plain.conv1] == [torch.nn.Conv2d, torch.nn.ReLU]
+    assert [type(m) for m in normed.conv1] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+    assert plain.conv1[0].bias is not None and normed.conv1[0].bias is None  # BN's shift replaces the conv bias
+    A = plain.conv1[0].out_channels
+    assert n_params(normed) - n_params(plain) == 2 * A - A  # BN gain + shift, minus the conv bias
+    rest = lambda net: {k: v for k, v in net.state_dict().items() if not k.startswith("conv1.")}  # noqa: E731
+    assert rest(plain).keys() == rest(normed).keys()
+    # training-mode features after Conv1 are normalised per channel (before the ReLU)
+    normed.train()
+    x = torch.rand(8, 1, 32, 32)
+    pre = normed.conv1[1](normed.conv1[0](x))
+    assert torch.allclose(pre.mean((0, 2, 3)), torch.zeros(A), atol=1e-5)
+    with pytest.raises(ConfigError, match="model.net.conv1_norm"):
+        EMCapsNet(**NORB, **TINY, conv1_norm="layer")
