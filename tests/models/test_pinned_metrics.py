@@ -33,6 +33,7 @@ EM_PAPER = [
     "model.routing.class_lambda_scale=0.25",
     "model.loss.margin_schedule.schedule=linear",
     "model.net.coordinate_scale=1.0",
+    "model.net.conv1_norm=none",
 ]
 PINNED = {  # (train loss of steps 1-3, val loss after step 3), measured at commit a124171
     "dr_caps": ([0.8852311968803406, 0.8847833871841431, 0.8803818225860596], 0.8684858679771423),

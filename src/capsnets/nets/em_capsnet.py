@@ -21,6 +21,8 @@ class EMCapsNet(nn.Module):
     On smallNORB 32x32x1 with 5 classes: A=B=C=D=32 gives 316,394 parameters (the paper's
     "310K"); A=64, B=8, C=D=16 gives 67,154 (the paper's "68K"). The difference to the
     paper's rounded figures is in what they counted (biases, betas), not in the architecture.
+    ``conv1_norm="batch"`` (capsnets' config default, not the paper's) puts a BatchNorm between Conv1 and its
+    ReLU and drops the conv bias: A more parameters.
     ``routing``: the config of a matrix-capsule routing (``model.routing``; default: EM routing),
     built once per capsule layer.
     """
