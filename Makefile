@@ -30,8 +30,9 @@ install: $(STAMP)
 train: install
 	$(PY) train.py data=mnist_sample trainer.max_epochs=2 tags=[make_train]
 
+# the 20 slowest tests are listed at the end, so the suite's ~10 minute budget can be watched in CI logs
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
