@@ -212,3 +212,29 @@ def test_evaluation_uses_the_running_statistics_of_training():
     logits = torch.logit(build_routing(plain, kind="matrix", out_types=3).double()(V, a_in, CONV).activations)
     mean, var = routing.bn_a.running_mean, routing.bn_a.running_var
     assert torch.allclose(activations, torch.sigmoid((logits - mean) / torch.sqrt(var + 1e-5)), atol=1e-8)
+
+
+def test_transform_init_gives_the_layers_the_releases_xavier_scale_unless_the_network_sets_its_own():
+    from capsnets.nn import ClassCapsules, ConvCapsules
+
+    def conv(routing_cfg, init_std=None):
+        routing = build_routing(routing_cfg, kind="matrix", out_types=16)
+        return ConvCapsules(in_types=8, out_types=16, kernel_size=3, stride=2, routing=routing, init_std=init_std)
+
+    def classes(routing_cfg):
+        routing = build_routing(routing_cfg, kind="matrix", out_types=10, role="class")
+        return ClassCapsules(in_types=16, num_classes=10, routing=routing)
+
+    torch.manual_seed(0)
+    # release: sqrt(2 / ((T_in + T_out) k^2 16)) = 0.0241 for ConvCaps1 of em_caps_small (8 -> 16, 3x3), 0.0693 for
+    # its class layer (16 -> 10, W shared over positions: k = 1); 18,432 and 2,560 draws
+    assert conv({"name": "vb"}).weight.std().item() == pytest.approx(math.sqrt(2 / (24 * 9 * 16)), rel=0.03)
+    assert classes({"name": "vb"}).weight.std().item() == pytest.approx(math.sqrt(2 / (26 * 16)), rel=0.05)
+    # layer: the network's default 1/sqrt(4), as under EM routing (whose own hook leaves the layer alone)
+    assert conv({"name": "vb", "transform_init": "layer"}).weight.std().item() == pytest.approx(0.5, rel=0.03)
+    assert conv({"name": "em"}).weight.std().item() == pytest.approx(0.5, rel=0.03)
+    assert classes({"name": "em"}).weight.std().item() == pytest.approx(0.5, rel=0.05)
+    # an explicit init_std (model.net.caps_init_std) wins over the routing's
+    assert conv({"name": "vb"}, init_std=0.2).weight.std().item() == pytest.approx(0.2, rel=0.03)
+    with pytest.raises(ConfigError, match="transform_init"):
+        build_routing({"name": "vb", "transform_init": "xavir"}, kind="matrix", out_types=4)

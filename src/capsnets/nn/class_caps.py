@@ -63,7 +63,8 @@ class ClassCapsules(nn.Module):
             (the paper: "scaled" coordinates, the scale unstated; the authors' release adds pixel
             coordinates / 100, about +-0.16 on 32 px).
         pose: "matrix" or "vector" (ablation; coordinates go to vote elements 0 and 1).
-        init_std: std of the initial ``W``; None = 1/sqrt(rows of W).
+        init_std: std of the initial ``W``; None = the routing's :meth:`~capsnets.nn.routing.Routing.transform_init_std`,
+            else 1/sqrt(rows of W).
 
     Slot ``(y * W + x)`` of the routing's assignments is the child at grid position (y, x).
     """
@@ -86,11 +87,13 @@ class ClassCapsules(nn.Module):
         self.pose = pose
         self.coordinate_addition = bool(coordinate_addition)
         self.coordinate_scale = require_positive("model.net.coordinate_scale", coordinate_scale)
+        if routing.kind != "matrix" or routing.out_types != num_classes:
+            raise ConfigError(f"ClassCapsules needs a matrix-capsule routing for {num_classes} classes, got {routing}.")
+        if init_std is None:  # the routing's own scale, if its procedure has one; W is shared over positions (1x1)
+            init_std = routing.transform_init_std(in_types=in_types, kernel_size=1)
         self.weight = nn.Parameter(
             init_transforms(in_types, num_classes, pose=pose, init_std=init_std)
         )  # W_ij per (in type, class)
-        if routing.kind != "matrix" or routing.out_types != num_classes:
-            raise ConfigError(f"ClassCapsules needs a matrix-capsule routing for {num_classes} classes, got {routing}.")
         self.routing = routing
 
     def votes(self, pose: torch.Tensor) -> torch.Tensor:

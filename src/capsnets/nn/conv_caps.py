@@ -47,7 +47,8 @@ class ConvCapsules(nn.Module):
         kernel_size, stride: the receptive field K and its stride.
         routing: a matrix-capsule routing built for ``out_types`` (:func:`capsnets.nn.routing.build_routing`).
         pose: "matrix" (4x4 pose, ``V = M W``) or "vector" (16-vector, ``V = u W``, ablation).
-        init_std: std of the initial ``W``; None = 1/sqrt(rows of W).
+        init_std: std of the initial ``W``; None = the routing's :meth:`~capsnets.nn.routing.Routing.transform_init_std`,
+            else 1/sqrt(rows of W).
 
     Slot ``(oy, ox, ky*K+kx)`` of the routing's assignments is the child at input position
     ``(oy*stride + ky, ox*stride + kx)``.
@@ -71,12 +72,14 @@ class ConvCapsules(nn.Module):
         self.stride = require_int("ConvCapsules.stride", stride)
         validate_pose_and_init("ConvCapsules", pose=pose, init_std=init_std)
         self.pose = pose
-        # W_ij per (kernel offset, in type, out type), shared across positions
-        self.weight = nn.Parameter(init_transforms(kernel_size**2, in_types, out_types, pose=pose, init_std=init_std))
         if routing.kind != "matrix" or routing.out_types != out_types:
             raise ConfigError(
                 f"ConvCapsules needs a matrix-capsule routing for {out_types} parent types, got {routing}."
             )
+        if init_std is None:  # the routing's own scale, if its procedure has one (VB: the release's Xavier rule)
+            init_std = routing.transform_init_std(in_types=in_types, kernel_size=kernel_size)
+        # W_ij per (kernel offset, in type, out type), shared across positions
+        self.weight = nn.Parameter(init_transforms(kernel_size**2, in_types, out_types, pose=pose, init_std=init_std))
         self.routing = routing
 
     def output_size(self, in_size: int) -> int:

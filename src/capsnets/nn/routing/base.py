@@ -138,6 +138,14 @@ class Routing(nn.Module):
     ) -> RoutingResult:
         raise NotImplementedError
 
+    def transform_init_std(self, *, in_types: int, kernel_size: int) -> float | None:
+        """The std this procedure expects of the initial transformation matrices ``W`` of the layer whose votes it
+        routes (``in_types`` child types, ``kernel_size`` x ``kernel_size`` patches, ``self.out_types`` parents), or
+        None for the layer's own default. A procedure whose equations carry a scale of their own (a prior over the
+        parents' variances) says here which vote scale its release was trained with; a layer given an explicit
+        ``init_std`` uses that instead."""
+        return None
+
     def extra_repr(self) -> str:
         return f"name={self.name}, impl={self.impl}, kind={self.kind}, role={self.role}, iterations={self.iterations}"
 
