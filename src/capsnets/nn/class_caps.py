@@ -63,7 +63,7 @@ class ClassCapsules(nn.Module):
             (the paper: "scaled" coordinates, the scale unstated; the authors' release adds pixel
             coordinates / 100, about +-0.16 on 32 px).
         pose: "matrix" or "vector" (ablation; coordinates go to vote elements 0 and 1).
-        init_std: std of the initial ``W``; None = the routing's :meth:`~capsnets.nn.routing.Routing.transform_init_std`,
+        init_std: std of the initial ``W``; None = the routing's :meth:`~capsnets.nn.Routing.transform_init_std`,
             else 1/sqrt(rows of W).
 
     Slot ``(y * W + x)`` of the routing's assignments is the child at grid position (y, x).

@@ -47,7 +47,7 @@ class ConvCapsules(nn.Module):
         kernel_size, stride: the receptive field K and its stride.
         routing: a matrix-capsule routing built for ``out_types`` (:func:`capsnets.nn.routing.build_routing`).
         pose: "matrix" (4x4 pose, ``V = M W``) or "vector" (16-vector, ``V = u W``, ablation).
-        init_std: std of the initial ``W``; None = the routing's :meth:`~capsnets.nn.routing.Routing.transform_init_std`,
+        init_std: std of the initial ``W``; None = the routing's :meth:`~capsnets.nn.Routing.transform_init_std`,
             else 1/sqrt(rows of W).
 
     Slot ``(oy, ox, ky*K+kx)`` of the routing's assignments is the child at input position
