@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
@@ -27,7 +27,6 @@ from capsnets.errors import CapsnetsError
 from capsnets.schema import PositiveInt, checked
 
 Policy = Literal["stop", "skip"]
-POLICIES: tuple[str, ...] = get_args(Policy)
 
 
 class NonFiniteError(CapsnetsError, FloatingPointError):

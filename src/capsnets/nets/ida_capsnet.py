@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -35,9 +35,7 @@ from capsnets.nn.routing import ChildLayout, Routing, RoutingResult, RoutingTrac
 from capsnets.schema import NumClasses, PositiveInt, check_parallel_lists, checked
 
 Backbone = Literal["resnet", "simple"]
-BACKBONES: tuple[str, ...] = get_args(Backbone)
 RoutingMode = Literal["concurrent", "sequential"]
-ROUTING_MODES: tuple[str, ...] = get_args(RoutingMode)
 
 
 class ResidualBlock(nn.Module):

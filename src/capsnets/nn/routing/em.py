@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,6 @@ from capsnets.nn.routing.layout import ChildLayout, Normalisation
 from capsnets.schema import BoundedFloat, PositiveFloat, PositiveInt, Range, checked
 
 LambdaSchedule = Literal["official", "fixed"]
-LAMBDA_SCHEDULES: tuple[str, ...] = get_args(LambdaSchedule)
 MomentDtype = Literal["float32", "float64"]
 MOMENT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MeanSmoothing = Annotated[float, Range(0, 0.99)]  # 1 would freeze the means at 0
