@@ -1,122 +1,88 @@
-"""Typed checks of a composed config, run once before anything is built, read or written.
+"""Checks of a composed config, run once before anything is built, read or written.
 
-The types come from where the values go: each LightningModule's network, each DataModule and each
-routing procedure declares its settings with type annotations in its constructor, and these checks
-read them (``typing.get_type_hints``), so a new setting is typed the moment it is added. On top:
+Per setting, the schema is the type annotations (:mod:`capsnets.schema`): each DataModule, each LightningModule
+(``model.loss``, ``model.optimizer``, ``model.scheduler`` as TypedDicts) and its network, and each routing procedure
+declares its settings in its constructor, and the composed config is checked against them with
+:func:`~capsnets.schema.check_settings` (``data``, ``model``, ``model.net`` here; ``model.routing`` by
+:func:`~capsnets.nn.routing.check_routing_config`), so a new setting is checked the moment it is added. The keys no
+constructor takes have their schema here (:class:`TopLevelSettings`, :class:`TrainerSettings`, :class:`EvalSettings`).
+Booleans are booleans (``model.net.reconstruction=no`` is refused, not "truthy"), integers are integers, numbers are
+numbers, choices are choices, ranges are ranges. The constructors check their arguments against the same annotations
+with the same function (:func:`~capsnets.schema.checked`), so a class built from Python refuses a bad value with the
+same message; they hold no per-setting checks of their own.
 
-* booleans are booleans (``model.net.reconstruction=no`` is refused, not "truthy"), integers are
-  integers, numbers are numbers, choices are choices, ranges are ranges;
-* cross-field rules in one place: the model's input shape and classes against the data's, spread and
-  margin-loss margins, the margin schedule, random shifts and crops against the image, ``train=false``
-  without a checkpoint, devices against the machine, Lightning's loop intervals;
-* an option of an optional group that does not exist (``experiment=sabour2017_mnsit``,
-  ``debug=fastest``), which Hydra drops without a word, with a "did you mean".
+On top, in one place (this module):
 
-Every problem is a :class:`~capsnets.errors.ConfigError` naming the key, the value, what is allowed
-and the override that fixes it; ``train.py`` / ``eval.py`` print it as one line and exit with code 2.
-``check_config`` checks a ``train.py`` config, ``check_eval_config`` an ``eval.py`` one. The constructors
-keep their own range checks for direct (non-Hydra) use; both layers call the same ``utils.validation``
-helpers, so a value is refused with the same message wherever it is set.
+* cross-field rules: the model's input shape and classes against the data's, the margin-loss margins, the margin
+  schedule, random shifts and crops against the image, ``train=false`` without a checkpoint, devices against the
+  machine;
+* an option of an optional group that does not exist (``experiment=sabour2017_mnsit``, ``debug=fastest``), which
+  Hydra drops without a word, with a "did you mean".
+
+Every problem is a :class:`~capsnets.errors.ConfigError` naming the key, the value, what is allowed and the override
+that fixes it; ``train.py`` / ``eval.py`` print it as one line and exit with code 2. ``check_config`` checks a
+``train.py`` config, ``check_eval_config`` an ``eval.py`` one.
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
-import math
 import os
-import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypedDict
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from capsnets.data.base import EVAL_SPLITS
+from capsnets.callbacks.nonfinite import Policy
+from capsnets.data.base import EvalSplit
 from capsnets.errors import ConfigError
-from capsnets.utils.validation import require_bool, require_choice, require_int, require_range
+from capsnets.schema import PositiveFloat, PositiveInt, Range, check_settings, constructor_hints
 
 # optional config groups whose misspelled option Hydra would silently drop
 OPTIONAL_GROUPS = ("experiment", "debug", "hparams_search")
+Metric = Literal["val/acc", "val/loss", "train/acc", "train/loss", "test/acc", "test/loss"]
+Epochs = Annotated[int, Range(-1)]  # -1: no limit
 
 
-# --------------------------------------------------------------------------- types from annotations
-def _type_name(hint: Any) -> str:
-    if hint is type(None):
-        return "null"
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    if origin in (list, tuple, Sequence, typing.Sequence):
-        return "a list"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+class TopLevelSettings(TypedDict, total=False):
+    """The top-level keys of ``train.yaml`` / ``eval.yaml`` that capsnets reads (the others belong to Hydra)."""
+
+    train: bool
+    test: bool
+    multirun_fail_fast: bool
+    seed: Annotated[int, Range(0, 2**32 - 1)] | None
+    nonfinite: Policy  # NonFiniteGuard's policy
+    nonfinite_max_skips: PositiveInt
+    optimized_metric: Metric | None
 
 
-def matches(value: Any, hint: Any) -> bool:
-    """Whether a config value fits a constructor's type annotation (unknown / Any annotations accept all)."""
-    if hint is Any or hint is inspect.Parameter.empty:
-        return True
-    if hint is type(None):
-        return value is None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(matches(value, arg) for arg in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, Sequence) or hint in (list, tuple):
-        if not isinstance(value, (list, tuple, ListConfig)) or isinstance(value, str):
-            return False
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return not args or all(matches(v, args[0]) for v in value)
-    if origin in (dict, Mapping) or hint in (dict, Mapping):
-        return isinstance(value, (dict, DictConfig))
-    return True
+class TrainerSettings(TypedDict, total=False):
+    """The ``trainer`` keys checked before Lightning sees them (``devices``: :func:`check_trainer`)."""
+
+    max_epochs: Epochs | None
+    min_epochs: Epochs | None
+    accumulate_grad_batches: PositiveInt | None
+    val_check_interval: PositiveFloat | None  # a fraction of an epoch, or a number of batches
+    log_every_n_steps: PositiveInt | None
+    check_val_every_n_epoch: PositiveInt | None
+    deterministic: bool | Literal["warn"]
+    sync_batchnorm: bool
+    enable_checkpointing: bool
+    enable_progress_bar: bool
 
 
-def constructor_hints(cls: type) -> dict[str, Any]:
-    """Keyword -> annotation of ``cls.__init__``, following ``**kwargs`` up the class hierarchy."""
-    hints: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass) or klass is object:
-            continue
-        try:
-            annotations = typing.get_type_hints(klass.__init__)
-        except Exception:  # noqa: BLE001 - an unresolvable annotation: accept any value for it
-            annotations = {}
-        params = inspect.signature(klass.__init__).parameters.values()
-        for p in params:
-            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                hints.setdefault(p.name, annotations.get(p.name, Any))
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return hints
+class EvalSettings(TypedDict, total=False):
+    """The keys of ``eval.yaml`` that choose what is evaluated (the checkpoint's DataModule checks ``viewpoints``)."""
+
+    split: EvalSplit
+    test_crops: PositiveInt | None
+    data_overrides: Mapping[str, Any] | None
 
 
-def check_types(prefix: str, values: Mapping[str, Any], hints: Mapping[str, Any], skip: Sequence[str] = ()) -> None:
-    """ConfigError for the first value whose type does not fit; unknown keys name the valid ones."""
-    for key, value in values.items():
-        if key.startswith("_") or key in skip:
-            continue
-        if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=1)
-            hint = f" Did you mean {prefix}.{close[0]}?" if close else ""
-            raise ConfigError(f"{prefix}.{key} is not a setting here.{hint} Settings: {', '.join(sorted(hints))}.")
-        if not matches(value, hints[key]):
-            raise ConfigError(
-                f"{prefix}.{key} must be {_type_name(hints[key])}, got {value!r}. "
-                f"Fix: {prefix}.{key}=<{_type_name(hints[key])}>."
-            )
+def _hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema, include_extras=True)
 
 
 # --------------------------------------------------------------------------- groups
@@ -137,25 +103,12 @@ def check_optional_groups(choices: Mapping[str, Any] | None, config_dir: Path) -
 
 
 def check_top_level(cfg: DictConfig) -> None:
-    for key in ("train", "test", "multirun_fail_fast"):
-        if key in cfg:
-            require_bool(key, cfg[key])
-    seed = cfg.get("seed")
-    if seed is not None:
-        require_int("seed", seed, minimum=0, maximum=2**32 - 1)
-    if "nonfinite" in cfg:
-        require_choice("nonfinite", cfg.nonfinite, ("stop", "skip"))
-    if "nonfinite_max_skips" in cfg:
-        require_int("nonfinite_max_skips", cfg.nonfinite_max_skips)
+    check_settings("", cfg, _hints(TopLevelSettings), closed=False)  # the other keys are Hydra's
     if cfg.get("train") is False and cfg.get("test", True) and not cfg.get("ckpt_path"):
         raise ConfigError(
             "train=false tests a model without training it, but no ckpt_path is given: it would score random "
             "weights. Fix: pass ckpt_path=<.ckpt> (or use eval.py ckpt_path=<.ckpt>), or drop train=false."
         )
-    metric = cfg.get("optimized_metric")
-    if metric is not None:
-        known = ("val/acc", "val/loss", "train/acc", "train/loss", "test/acc", "test/loss")
-        require_choice("optimized_metric", metric, known)
 
 
 def check_data(cfg: DictConfig) -> type | None:
@@ -165,7 +118,7 @@ def check_data(cfg: DictConfig) -> type | None:
     from capsnets.registry import resolve
 
     cls = resolve("datamodule", data._target_, "data._target_")
-    check_types("data", data, constructor_hints(cls))
+    check_settings("data", data, constructor_hints(cls))
     image = data.get("image_size")
     shift = data.get("shift_pixels")
     if isinstance(image, int) and isinstance(shift, int) and shift >= image:
@@ -189,12 +142,12 @@ def check_model(cfg: DictConfig) -> None:
     from capsnets.registry import resolve
 
     cls = resolve("model", model._target_, "model._target_")
+    check_settings("model", model, constructor_hints(cls), skip=("net", "routing"))  # loss, optimizer, scheduler
     network = getattr(cls, "network", None)
     net = model.get("net")
     if network is not None and isinstance(net, DictConfig):
-        hints = constructor_hints(network)
-        extra = getattr(cls, "net_settings", {})
-        check_types("model.net", net, {**hints, **extra}, skip=("routing",))
+        hints = {**constructor_hints(network), **getattr(cls, "net_settings", {})}
+        check_settings("model.net", net, hints, skip=("routing",))
     data = cfg.get("data")
     if isinstance(net, DictConfig) and isinstance(data, DictConfig):
         for key in ("in_channels", "image_size", "num_classes"):
@@ -206,31 +159,23 @@ def check_model(cfg: DictConfig) -> None:
                 )
     loss = model.get("loss")
     if isinstance(loss, DictConfig):
-        if "m_plus" in loss and "m_minus" in loss:
-            require_range("model.loss.m_plus", loss.m_plus, 0.0, 1.0)
-            require_range("model.loss.m_minus", loss.m_minus, 0.0, 1.0)
-            if loss.m_plus <= loss.m_minus:
-                raise ConfigError(
-                    f"model.loss.m_plus={loss.m_plus} must be larger than model.loss.m_minus={loss.m_minus} "
-                    f"(the margin loss pushes the true class above m_plus and the others below m_minus). "
-                    f"Fix: the paper's model.loss.m_plus=0.9 model.loss.m_minus=0.1."
-                )
-        if "down_weight" in loss:
-            require_range("model.loss.down_weight", loss.down_weight, 0.0, math.inf)
-        schedule = loss.get("margin_schedule")
-        if isinstance(schedule, DictConfig):
-            if "schedule" in schedule:
-                require_choice(
-                    "model.loss.margin_schedule.schedule", schedule.schedule, ("linear", "sigmoid", "constant")
-                )
-            for key in ("start", "end"):
-                if key in schedule:
-                    require_range(f"model.loss.margin_schedule.{key}", schedule[key], 0.0, 1.0)
-            if "start" in schedule and "end" in schedule and schedule.start > schedule.end:
-                raise ConfigError(
-                    f"model.loss.margin_schedule: start={schedule.start} > end={schedule.end}, a decreasing "
-                    f"margin (the spread loss's margin grows during training). Fix: the paper's start=0.2 end=0.9."
-                )
+        check_loss(loss)
+
+
+def check_loss(loss: DictConfig) -> None:
+    """Cross-field rules of ``model.loss`` (each value is already checked against its annotation)."""
+    if "m_plus" in loss and "m_minus" in loss and loss.m_plus <= loss.m_minus:
+        raise ConfigError(
+            f"model.loss.m_plus={loss.m_plus} must be larger than model.loss.m_minus={loss.m_minus} "
+            f"(the margin loss pushes the true class above m_plus and the others below m_minus). "
+            f"Fix: the paper's model.loss.m_plus=0.9 model.loss.m_minus=0.1."
+        )
+    schedule = loss.get("margin_schedule")
+    if isinstance(schedule, DictConfig) and "start" in schedule and "end" in schedule and schedule.start > schedule.end:
+        raise ConfigError(
+            f"model.loss.margin_schedule: start={schedule.start} > end={schedule.end}, a decreasing "
+            f"margin (the spread loss's margin grows during training). Fix: the paper's start=0.2 end=0.9."
+        )
 
 
 def check_trainer(cfg: DictConfig) -> None:
@@ -257,30 +202,7 @@ def check_trainer(cfg: DictConfig) -> None:
             )
     elif not (isinstance(devices, (str, list, ListConfig)) and not isinstance(devices, bool)):
         raise ConfigError(f"trainer.devices must be an integer, a list or 'auto', got {devices!r}.")
-    for key in ("max_epochs", "min_epochs"):
-        value = trainer.get(key)
-        if value is not None:
-            require_int(f"trainer.{key}", value, minimum=-1)
-    if trainer.get("accumulate_grad_batches") is not None:
-        require_int("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches)
-    interval = trainer.get("val_check_interval")
-    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0):
-        raise ConfigError(
-            f"trainer.val_check_interval must be > 0 (a fraction of an epoch, or a number of batches), "
-            f"got {interval!r}. Fix: trainer.val_check_interval=1.0 (once per epoch)."
-        )
-    if trainer.get("log_every_n_steps") is not None:
-        require_int("trainer.log_every_n_steps", trainer.log_every_n_steps)
-    check_every = trainer.get("check_val_every_n_epoch")
-    if check_every is not None:
-        require_int("trainer.check_val_every_n_epoch", check_every)
-    for key in ("deterministic", "sync_batchnorm", "enable_checkpointing", "enable_progress_bar"):
-        if (
-            key in trainer
-            and not isinstance(trainer[key], bool)
-            and not (key == "deterministic" and trainer[key] == "warn")
-        ):
-            require_bool(f"trainer.{key}", trainer[key])
+    check_settings("trainer", trainer, _hints(TrainerSettings), closed=False)  # Lightning's Trainer takes the rest
 
 
 def check_config(cfg: DictConfig, *, choices: Mapping[str, Any] | None = None, config_dir: Path | None = None) -> None:
@@ -313,7 +235,8 @@ def check_eval_config(
 def check_eval_settings(cfg: DictConfig) -> dict[str, Any]:
     """Check ``split``, ``viewpoints``, ``test_crops`` and ``data_overrides`` (config only, nothing read);
     returns them with the data overrides as one plain dict (``test_crops`` folded in)."""
-    split = require_choice("split", cfg.get("split", "test"), EVAL_SPLITS)
+    check_settings("", cfg, _hints(EvalSettings), closed=False)
+    split = cfg.get("split", "test")
     viewpoints = cfg.get("viewpoints")
     # which viewpoints exist is the DataModule's to check (set_test_viewpoints)
     if viewpoints is not None and split != "test":
@@ -322,18 +245,9 @@ def check_eval_settings(cfg: DictConfig) -> dict[str, Any]:
             f"Fix: drop viewpoints= (the {split} split has the training viewpoints), or pass split=test."
         )
     overrides_cfg = cfg.get("data_overrides")
-    if overrides_cfg is None:
-        overrides: dict[str, Any] = {}
-    elif isinstance(overrides_cfg, DictConfig):
-        overrides = OmegaConf.to_container(overrides_cfg, resolve=True)  # type: ignore[assignment]
-    else:
-        raise ConfigError(
-            f"data_overrides must be a mapping of data settings, got {overrides_cfg!r}. "
-            f"Fix: 'data_overrides={{batch_size: 256}}' or +data_overrides.batch_size=256."
-        )
+    overrides: dict[str, Any] = {} if overrides_cfg is None else OmegaConf.to_container(overrides_cfg, resolve=True)
     crops = cfg.get("test_crops")
     if crops is not None:
-        crops = require_int("test_crops", crops, minimum=1)
         if overrides.get("test_crops", crops) != crops:
             raise ConfigError(
                 f"test_crops={crops} and data_overrides.test_crops={overrides['test_crops']} disagree. "

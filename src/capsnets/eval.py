@@ -40,10 +40,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import capsnets
 from capsnets.checkpoints import check_finite, check_weights, read_checkpoint
-from capsnets.config_checks import check_eval_config, constructor_hints, runtime_choices
+from capsnets.config_checks import check_eval_config, runtime_choices
 from capsnets.errors import ConfigError, exit_on_error
 from capsnets.registry import resolve
 from capsnets.results.record import scalar_metrics
+from capsnets.schema import constructor_hints
 from capsnets.utils.instantiate import (
     check_ckpt_path,
     instantiate_loggers,
@@ -118,7 +119,7 @@ def check_overrides(cls: type, overrides: dict[str, Any]) -> None:
 
 
 def build_datamodule(cls: type, settings: dict[str, Any], split: str, viewpoints: str | None) -> LightningDataModule:
-    """Instantiate the DataModule (its constructor validates every setting) and point it at the evaluated rows."""
+    """Instantiate the DataModule (its constructor checks every setting) and point it at the evaluated rows."""
     datamodule = cls(**settings)
     if viewpoints is not None:
         datamodule.set_test_viewpoints(viewpoints)  # ConfigError naming the fix where the data has no such protocol

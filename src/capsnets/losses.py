@@ -10,14 +10,24 @@ Every loss returns the mean over the batch of a per-example sum, as in the paper
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal, TypedDict
 
 import torch
 
 from capsnets.errors import ConfigError
-from capsnets.utils.validation import require_choice, require_positive, require_range
+from capsnets.schema import Fraction, NonNegativeFloat, PositiveFloat, Range, checked
 
-MARGIN_SCHEDULES = ("linear", "sigmoid", "constant")
+MarginScheduleKind = Literal["linear", "sigmoid", "constant"]
 KEY = "model.loss.margin_schedule"
+SigmoidShift = Annotated[float, Range(-1e9, 1e9)]  # the release's offset and cap, in units of its argument
+
+
+class MarginLossSettings(TypedDict, total=False):
+    """The margin loss's settings in ``model.loss`` (Sabour et al. 2017, Eq. 4)."""
+
+    m_plus: Fraction  # the present class's length is pushed above m_plus ...
+    m_minus: Fraction  # ... the absent classes' below m_minus (m_plus > m_minus: config_checks)
+    down_weight: NonNegativeFloat  # lambda, the weight of the absent classes' term
 
 
 def margin_loss(
@@ -90,7 +100,7 @@ def sigmoid_margin(
 
 
 class MarginSchedule:
-    """The margin m of the spread loss as a function of training samples seen (settings validated here).
+    """The margin m of the spread loss as a function of training samples seen (settings checked as it is built).
 
     Args:
         schedule: ``linear`` (paper), ``sigmoid`` (authors' code) or ``constant`` (= ``end``).
@@ -101,26 +111,25 @@ class MarginSchedule:
             steps of batch 64, offset, cap).
     """
 
+    @checked(KEY)
     def __init__(
         self,
         *,
-        schedule: str = "linear",
-        start: float = 0.2,
-        end: float = 0.9,
-        ramp_samples: float | None = None,
-        sigmoid_amplitude: float = 0.79,
-        sigmoid_samples_per_unit: float = 50_000 * 64,
-        sigmoid_offset: float = 4.0,
-        sigmoid_cap: float = 10.0,
+        schedule: MarginScheduleKind = "linear",
+        start: Fraction = 0.2,
+        end: Fraction = 0.9,
+        ramp_samples: PositiveFloat | None = None,
+        sigmoid_amplitude: Fraction = 0.79,
+        sigmoid_samples_per_unit: PositiveFloat = 50_000 * 64,
+        sigmoid_offset: SigmoidShift = 4.0,
+        sigmoid_cap: SigmoidShift = 10.0,
     ) -> None:
-        self.schedule = require_choice(f"{KEY}.schedule", schedule, MARGIN_SCHEDULES)
-        self.start = require_range(f"{KEY}.start", start, 0.0, 1.0)
-        self.end = require_range(f"{KEY}.end", end, 0.0, 1.0)
-        self.ramp_samples = None if ramp_samples is None else require_positive(f"{KEY}.ramp_samples", ramp_samples)
-        self.sigmoid_amplitude = require_range(f"{KEY}.sigmoid_amplitude", sigmoid_amplitude, 0.0, 1.0)
-        self.sigmoid_samples_per_unit = require_positive(f"{KEY}.sigmoid_samples_per_unit", sigmoid_samples_per_unit)
-        self.sigmoid_offset = require_range(f"{KEY}.sigmoid_offset", sigmoid_offset, -1e9, 1e9)
-        self.sigmoid_cap = require_range(f"{KEY}.sigmoid_cap", sigmoid_cap, -1e9, 1e9)
+        self.schedule = schedule
+        self.start, self.end = float(start), float(end)
+        self.ramp_samples = None if ramp_samples is None else float(ramp_samples)
+        self.sigmoid_amplitude = float(sigmoid_amplitude)
+        self.sigmoid_samples_per_unit = float(sigmoid_samples_per_unit)
+        self.sigmoid_offset, self.sigmoid_cap = float(sigmoid_offset), float(sigmoid_cap)
 
     def margin(self, samples: float) -> float:
         """The margin after ``samples`` training samples."""

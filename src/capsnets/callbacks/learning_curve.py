@@ -15,14 +15,14 @@ collective). mnist_sample's 2,000 test digits take seconds for dr_caps and em_ca
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import move_data_to_device
 
 from capsnets.errors import ConfigError
-from capsnets.utils.validation import require_choice, require_int
+from capsnets.schema import PositiveInt, checked
 
 KEY = "callbacks.learning_curve"
 
@@ -36,11 +36,14 @@ class LearningCurve(Callback):
         at_start: also score before the first training step (the curve's origin, chance level).
     """
 
-    def __init__(self, *, every_samples: int = 1000, split: str = "test", at_start: bool = True) -> None:
+    @checked(KEY)
+    def __init__(
+        self, *, every_samples: PositiveInt = 1000, split: Literal["test", "val"] = "test", at_start: bool = True
+    ) -> None:
         super().__init__()
-        self.every_samples = require_int(f"{KEY}.every_samples", every_samples)
-        self.split = require_choice(f"{KEY}.split", split, ("test", "val"))
-        self.at_start = bool(at_start)
+        self.every_samples = every_samples
+        self.split = split
+        self.at_start = at_start
         self.curve: list[dict[str, float]] = []
         self._next = 0  # samples_seen of the next point
 

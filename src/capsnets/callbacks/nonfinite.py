@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
 
 from capsnets.errors import CapsnetsError
-from capsnets.utils.validation import require_choice, require_int
+from capsnets.schema import PositiveInt, checked
 
-POLICIES = ("stop", "skip")
+Policy = Literal["stop", "skip"]
 
 
 class NonFiniteError(CapsnetsError, FloatingPointError):
@@ -42,10 +42,11 @@ class NonFiniteGuard(Callback):
         run_dir: where ``nonfinite.json`` and ``checkpoints/nonfinite.ckpt`` go (default: the trainer's root dir).
     """
 
-    def __init__(self, policy: str = "stop", *, max_skips: int = 10, run_dir: str | None = None) -> None:
+    @checked(keys={"policy": "nonfinite", "max_skips": "nonfinite_max_skips"})  # top-level keys of train.yaml
+    def __init__(self, policy: Policy = "stop", *, max_skips: PositiveInt = 10, run_dir: str | None = None) -> None:
         super().__init__()
-        self.policy = require_choice("nonfinite", policy, POLICIES)
-        self.max_skips = require_int("nonfinite_max_skips", max_skips, minimum=1)
+        self.policy = policy
+        self.max_skips = max_skips
         self.run_dir = run_dir
         self.skips = 0  # in all
         self.consecutive = 0

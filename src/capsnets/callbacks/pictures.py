@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -32,12 +32,16 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 
 from capsnets.callbacks.drawing import write_png
-from capsnets.errors import ConfigError
-from capsnets.utils.validation import require_int
+from capsnets.schema import NonNegativeInt, PositiveInt, Range, checked
 
 log = logging.getLogger(__name__)
 
 Render = Callable[[], np.ndarray]  # draws one picture from CPU data: () -> (H, W, 3) uint8
+
+
+def picture_key(callback: PictureCallback, settings: Mapping[str, Any]) -> str:
+    """The config key of a picture callback (its class's ``key``): the prefix of its settings in messages."""
+    return callback.key
 
 
 class PictureCallback(Callback):
@@ -59,29 +63,28 @@ class PictureCallback(Callback):
     key = "callbacks.pictures"  # config key of the subclass, for error messages
     uses_fixed_batch = False
 
+    @checked(picture_key)
     def __init__(
         self,
         *,
         save_dir: str | Path | None = None,
-        every_n_epochs: int = 1,
+        every_n_epochs: NonNegativeInt = 1,
         on_test: bool = True,
-        num_samples: int = 8,
+        num_samples: PositiveInt = 8,
         class_names: Sequence[str] | None = None,
-        pixel_scale: int = 2,
-        dpi: int = 80,
+        pixel_scale: PositiveInt = 2,
+        dpi: Annotated[int, Range(20)] = 80,
         background: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_dir = Path(save_dir) if save_dir is not None else None
-        self.every_n_epochs = require_int(f"{self.key}.every_n_epochs", every_n_epochs, minimum=0)
-        self.on_test = bool(on_test)
-        self.num_samples = require_int(f"{self.key}.num_samples", num_samples)
-        if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)):
-            raise ConfigError(f"{self.key}.class_names must be a list of names or null; got {class_names!r}.")
+        self.every_n_epochs = every_n_epochs
+        self.on_test = on_test
+        self.num_samples = num_samples
         self.class_names = list(class_names) if class_names is not None else None
-        self.pixel_scale = require_int(f"{self.key}.pixel_scale", pixel_scale)
-        self.dpi = require_int(f"{self.key}.dpi", dpi, minimum=20)
-        self.background = None if background is None else bool(background)
+        self.pixel_scale = pixel_scale
+        self.dpi = dpi
+        self.background = background
         self.fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # stage -> the fixed images and labels
         self.draw_seconds: list[float] = []  # time each drawing pass held up training (rank 0)
         self.written: list[Path] = []  # every PNG written, in order

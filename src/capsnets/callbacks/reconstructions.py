@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from lightning import LightningModule, Trainer
 
 from capsnets.callbacks.drawing import perturbation_grid, reconstruction_grid
-from capsnets.callbacks.pictures import PictureCallback, Render
-from capsnets.errors import ConfigError
-from capsnets.utils.validation import require_int, require_positive
+from capsnets.callbacks.pictures import PictureCallback, Render, picture_key
+from capsnets.schema import PositiveFloat, PositiveInt, Range, checked
 
-KINDS = ("reconstructions", "perturbations")
+Kind = Literal["reconstructions", "perturbations"]
+KINDS: tuple[str, ...] = get_args(Kind)
 Decoder = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -57,22 +57,21 @@ class ReconstructionPictures(PictureCallback):
     key = "callbacks.reconstructions"
     uses_fixed_batch = True
 
+    @checked(picture_key)
     def __init__(
         self,
         *,
-        kinds: Sequence[str] = KINDS,
-        perturb_range: float = 0.25,
-        perturb_steps: int = 11,
-        perturb_samples: int = 1,
+        kinds: Sequence[Kind] = KINDS,
+        perturb_range: PositiveFloat = 0.25,
+        perturb_steps: Annotated[int, Range(2)] = 11,
+        perturb_samples: PositiveInt = 1,
         **settings: Any,
     ) -> None:
         super().__init__(**settings)
-        if isinstance(kinds, str) or any(kind not in KINDS for kind in kinds):
-            raise ConfigError(f"{self.key}.kinds must be a list of {', '.join(KINDS)}; got {kinds!r}.")
         self.kinds = tuple(dict.fromkeys(kinds))
-        self.perturb_range = require_positive(f"{self.key}.perturb_range", perturb_range)
-        self.perturb_steps = require_int(f"{self.key}.perturb_steps", perturb_steps, minimum=2)
-        self.perturb_samples = require_int(f"{self.key}.perturb_samples", perturb_samples)
+        self.perturb_range = float(perturb_range)
+        self.perturb_steps = perturb_steps
+        self.perturb_samples = perturb_samples
 
     def draw(
         self, stage: str, trainer: Trainer, pl_module: LightningModule, title: str

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from lightning import LightningModule, Trainer
 
 from capsnets.callbacks.drawing import class_activations_figure, routing_figure
-from capsnets.callbacks.pictures import PictureCallback, Render
+from capsnets.callbacks.pictures import PictureCallback, Render, picture_key
 from capsnets.callbacks.routing_stats import routing_statistics
-from capsnets.errors import ConfigError
+from capsnets.schema import checked
 
-KINDS = ("routing", "class_activations")
+Kind = Literal["routing", "class_activations"]
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 class RoutingPictures(PictureCallback):
@@ -34,12 +35,11 @@ class RoutingPictures(PictureCallback):
     key = "callbacks.routing_pictures"
     uses_fixed_batch = True
 
-    def __init__(self, *, kinds: Sequence[str] = KINDS, log_routing_scalars: bool = True, **settings: Any) -> None:
+    @checked(picture_key)
+    def __init__(self, *, kinds: Sequence[Kind] = KINDS, log_routing_scalars: bool = True, **settings: Any) -> None:
         super().__init__(**settings)
-        if isinstance(kinds, str) or any(kind not in KINDS for kind in kinds):
-            raise ConfigError(f"{self.key}.kinds must be a list of {', '.join(KINDS)}; got {kinds!r}.")
         self.kinds = tuple(dict.fromkeys(kinds))
-        self.log_routing_scalars = bool(log_routing_scalars)
+        self.log_routing_scalars = log_routing_scalars
 
     def draw(
         self, stage: str, trainer: Trainer, pl_module: LightningModule, title: str

@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
-from capsnets.utils.validation import require_int
+from capsnets.schema import PositiveInt, checked
 
 KEY = "callbacks.throughput"
 
@@ -25,9 +25,10 @@ class Throughput(Callback):
     """Median training images/s over each epoch (after ``skip`` warm-up batches), logged as
     ``perf/train_images_per_s``; ``images_per_s`` holds the last epoch's value."""
 
-    def __init__(self, *, skip: int = 3) -> None:
+    @checked(KEY)
+    def __init__(self, *, skip: PositiveInt = 3) -> None:
         super().__init__()
-        self.skip = require_int(f"{KEY}.skip", skip, minimum=1)
+        self.skip = skip
         self.images_per_s: float | None = None
         self._last: float | None = None
         self._rates: list[float] = []

@@ -9,7 +9,8 @@ al. (2017) to the whole batch.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
 
 import torch
 from lightning import LightningDataModule
@@ -17,11 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from capsnets.data.transforms import random_shift
 from capsnets.errors import ConfigError
-from capsnets.utils.validation import require_choice, require_int
+from capsnets.schema import NonNegativeInt, NumClasses, PositiveInt, checked
 
-__all__ = ["EVAL_SPLITS", "ImageClassificationDataModule", "TensorPairDataset", "seeded_split"]
+__all__ = ["EVAL_SPLITS", "EvalSplit", "ImageClassificationDataModule", "TensorPairDataset", "seeded_split"]
 
-EVAL_SPLITS = ("test", "val", "train")  # what the test/predict dataloaders may serve (eval.py split=)
+EvalSplit = Literal["test", "val", "train"]  # what the test/predict dataloaders may serve (eval.py split=)
+EVAL_SPLITS: tuple[str, ...] = get_args(EvalSplit)
 
 
 def seeded_split(n: int, val_size: int, seed: int, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,36 +89,38 @@ class ImageClassificationDataModule(LightningDataModule):
         in_channels, image_size, num_classes: the data shapes models read from the config.
     """
 
+    @checked("data")
     def __init__(
         self,
         *,
-        batch_size: int,
-        num_workers: int,
+        batch_size: PositiveInt,
+        num_workers: NonNegativeInt,
         pin_memory: bool,
-        shift_pixels: int,
-        in_channels: int,
-        image_size: int,
-        num_classes: int,
+        shift_pixels: NonNegativeInt,
+        in_channels: PositiveInt,
+        image_size: PositiveInt,
+        num_classes: NumClasses,
     ) -> None:
         super().__init__()
-        self.batch_size = require_int("data.batch_size", batch_size, minimum=1)
-        self.num_workers = require_int("data.num_workers", num_workers, minimum=0)
-        self.shift_pixels = require_int("data.shift_pixels", shift_pixels, minimum=0)
-        self.in_channels = require_int("data.in_channels", in_channels, minimum=1)
-        self.image_size = require_int("data.image_size", image_size, minimum=1)
-        self.num_classes = require_int("data.num_classes", num_classes, minimum=2)
-        self.pin_memory = bool(pin_memory)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shift_pixels = shift_pixels
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.pin_memory = pin_memory
         self.data_train: TensorPairDataset | None = None
         self.data_val: TensorPairDataset | None = None
         self.data_test: TensorPairDataset | None = None
         self.eval_split = "test"
 
     # --- which split trainer.test / trainer.predict see --------------------------------------
-    def set_eval_split(self, split: str) -> None:
+    @checked()
+    def set_eval_split(self, split: EvalSplit) -> None:
         """Serve ``split`` (one of :data:`EVAL_SPLITS`: test, val, train) from the test and predict
         dataloaders, in evaluation form (no augmentation). The default is ``test``; the training
         split is served unshuffled and without the random training transform."""
-        self.eval_split = require_choice("split", split, EVAL_SPLITS)
+        self.eval_split = split
 
     # --- evaluation options (eval.py): which rows of the test split, how they are scored ------
     @property

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset, seeded_split
 from capsnets.data.idx import read_idx
 from capsnets.errors import ConfigError, DataError
-from capsnets.utils.validation import require_int
 from capsnets.registry import register_datamodule
+from capsnets.schema import NonNegativeInt, NumClasses, PositiveInt, checked
 
 __all__ = ["FashionMNISTDataModule", "IDX_FILE_NAMES", "MNISTDataModule", "resolve_search_dir"]
 
@@ -62,21 +63,22 @@ class MNISTDataModule(ImageClassificationDataModule):
     folder_name = "MNIST"  # torchvision class and <data_dir>/<folder_name>/raw/
     install_hint: str | None = None
 
+    @checked("data")
     def __init__(
         self,
-        data_dir: str,
+        data_dir: str | os.PathLike,
         *,
-        batch_size: int = 128,
-        val_size: int = 5000,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 128,
+        val_size: NonNegativeInt = 5000,
+        num_workers: NonNegativeInt = 0,
         pin_memory: bool = False,
-        shift_pixels: int = 2,
+        shift_pixels: NonNegativeInt = 2,
         download: bool = True,
-        split_seed: int = 42,
+        split_seed: NonNegativeInt = 42,
         search_dirs: Sequence[str] = (),
-        in_channels: int = 1,
-        image_size: int = 28,
-        num_classes: int = 10,
+        in_channels: PositiveInt = 1,
+        image_size: PositiveInt = 28,
+        num_classes: NumClasses = 10,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -87,22 +89,17 @@ class MNISTDataModule(ImageClassificationDataModule):
             image_size=image_size,
             num_classes=num_classes,
         )
-        if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
+        if not str(data_dir):
             raise ConfigError(f"data.data_dir must be a folder path, got {data_dir!r}. Fix: data.data_dir=<folder>.")
         self.data_dir = Path(data_dir).expanduser()
         if self.data_dir.exists() and not self.data_dir.is_dir():
             raise ConfigError(f"data.data_dir must be a folder, but {self.data_dir} is a file. Fix: data.data_dir=<dir>.")
-        if isinstance(search_dirs, (str, os.PathLike)):
-            raise ConfigError(
-                f"data.search_dirs must be a list of folders, got the single value {search_dirs!r}. "
-                f"Fix: data.search_dirs=[{search_dirs}]."
-            )
         self.search_dirs = [str(d) for d in search_dirs]  # ListConfig -> plain list (checkpoint-safe)
         if self.in_channels != 1:
             raise ConfigError(f"data.in_channels must be 1 for grayscale {self.folder_name}, got {in_channels!r}.")
-        self.val_size = require_int("data.val_size", val_size, minimum=0)
-        self.split_seed = require_int("data.split_seed", split_seed, minimum=0)
-        self.download = bool(download)
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.download = download
         self.save_hyperparameters(
             {
                 "data_dir": str(data_dir),
@@ -237,5 +234,8 @@ class FashionMNISTDataModule(MNISTDataModule):
     install_hint = "on Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist (-> /usr/share/datasets/fashion-mnist)"
     DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
-    def __init__(self, data_dir: str, *, search_dirs: Sequence[str] = (DEBIAN_DIR,), **kwargs: Any) -> None:
+    @checked("data")
+    def __init__(
+        self, data_dir: str | os.PathLike, *, search_dirs: Sequence[str] = (DEBIAN_DIR,), **kwargs: Any
+    ) -> None:
         super().__init__(data_dir, search_dirs=search_dirs, **kwargs)

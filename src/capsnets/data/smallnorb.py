@@ -23,21 +23,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import shutil
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset, seeded_split
 from capsnets.data.norb import INFO_LIMITS, NUM_CATEGORIES, preprocess_smallnorb
 from capsnets.errors import ConfigError, DataError
-from capsnets.utils.validation import require_choice, require_int, require_range
 from capsnets.registry import register_datamodule
+from capsnets.schema import NonNegativeFloat, NonNegativeInt, NumClasses, PositiveInt, checked
 
 __all__ = [
     "SMALLNORB_FILES",
@@ -58,8 +56,10 @@ PART_PREFIXES = {
 }
 KINDS = ("dat", "cat", "info")
 SMALLNORB_FILES: tuple[str, ...] = tuple(f"{p}-{kind}.mat" for p in PART_PREFIXES.values() for kind in KINDS)
-SPLITS = ("standard", "azimuth", "elevation")
-VIEWPOINTS = ("novel", "familiar", "all")  # test rows of a novel-viewpoint protocol (set_test_viewpoints)
+Split = Literal["standard", "azimuth", "elevation"]
+SPLITS: tuple[str, ...] = get_args(Split)
+Viewpoints = Literal["novel", "familiar", "all"]  # test rows of a novel-viewpoint protocol (set_test_viewpoints)
+VIEWPOINTS: tuple[str, ...] = get_args(Viewpoints)
 AZIMUTH_TRAIN_DEGREES = (300, 320, 340, 0, 20, 40)  # Hinton et al. 2018, novel viewpoints; test: 60..280
 ELEVATION_TRAIN_INDICES = (0, 1, 2)  # the 3 lowest (30, 35, 40 degrees); test: indices 3..8
 CACHE_VERSION = 1  # bump when the preprocessing changes: every old cache is then rebuilt
@@ -125,25 +125,26 @@ class SmallNORBDataModule(ImageClassificationDataModule):
         in_channels, num_classes: data shapes models read (in_channels = 2 if stereo else 1; 5 classes).
     """
 
+    @checked("data")
     def __init__(
         self,
-        data_dir: str,
+        data_dir: str | os.PathLike,
         *,
-        batch_size: int = 32,
-        val_size: int = 1000,
-        num_workers: int = 0,
+        batch_size: PositiveInt = 32,
+        val_size: NonNegativeInt = 1000,
+        num_workers: NonNegativeInt = 0,
         pin_memory: bool = False,
         download: bool = True,
-        split_seed: int = 42,
-        split: str = "standard",
+        split_seed: NonNegativeInt = 42,
+        split: Split = "standard",
         stereo: bool = False,
-        image_size: int = 32,
-        resize: int = 48,
-        brightness: float = 0.2,
-        contrast: Sequence[float] = (0.5, 1.5),
-        test_crops: int = 1,
-        in_channels: int = 1,
-        num_classes: int = 5,
+        image_size: PositiveInt = 32,
+        resize: PositiveInt = 48,
+        brightness: NonNegativeFloat = 0.2,
+        contrast: tuple[NonNegativeFloat, NonNegativeFloat] = (0.5, 1.5),
+        test_crops: PositiveInt = 1,
+        in_channels: PositiveInt = 1,
+        num_classes: NumClasses = 5,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -154,13 +155,11 @@ class SmallNORBDataModule(ImageClassificationDataModule):
             image_size=image_size,
             num_classes=num_classes,
         )
-        if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
+        if not str(data_dir):
             raise ConfigError(f"data.data_dir must be a folder path, got {data_dir!r}. Fix: data.data_dir=<folder>.")
         self.data_dir = Path(data_dir).expanduser()
         self.folder = self.data_dir / "smallnorb"
-        self.split = require_choice("data.split", split, SPLITS)
-        if not isinstance(stereo, bool):
-            raise ConfigError(f"data.stereo must be true or false, got {stereo!r}.")
+        self.split = split
         self.stereo = stereo
         want = 2 if stereo else 1
         if self.in_channels != want:
@@ -170,27 +169,29 @@ class SmallNORBDataModule(ImageClassificationDataModule):
             )
         if self.num_classes != NUM_CATEGORIES:
             raise ConfigError(f"data.num_classes must be 5 (smallNORB's categories), got {num_classes!r}.")
-        self.resize = require_int("data.resize", resize, minimum=1)
+        self.resize = resize
         if not self.image_size <= self.resize <= 96:
             raise ConfigError(
                 f"need data.image_size <= data.resize <= 96, got data.image_size={image_size}, data.resize={resize}. "
                 f"Fix: e.g. data.resize=48 data.image_size=32 (Hinton et al. 2018)."
             )
-        self.brightness = require_range("data.brightness", brightness, 0.0, math.inf)
-        if isinstance(contrast, (str, bytes)) or not isinstance(contrast, Sequence) or len(contrast) != 2:
-            raise ConfigError(f"data.contrast must be [low, high], got {contrast!r}. Fix: data.contrast=[0.5,1.5].")
-        low = require_range("data.contrast[0]", contrast[0], 0.0, math.inf)
-        self.contrast = (low, require_range("data.contrast[1]", contrast[1], low, math.inf))
-        self.test_crops = require_int("data.test_crops", test_crops, minimum=1)
+        self.brightness = float(brightness)
+        if contrast[1] < contrast[0]:
+            raise ConfigError(
+                f"data.contrast[1]={contrast[1]} is below data.contrast[0]={contrast[0]}: the contrast factor is drawn "
+                f"from [low, high]. Fix: data.contrast=[{contrast[1]},{contrast[0]}]."
+            )
+        self.contrast = (float(contrast[0]), float(contrast[1]))
+        self.test_crops = test_crops
         max_crops = (self.resize - self.image_size + 1) ** 2
         if self.test_crops > max_crops:
             raise ConfigError(
                 f"data.test_crops must be in 1..{max_crops} (distinct {self.image_size}px crops of a "
                 f"{self.resize}px image), got {test_crops}."
             )
-        self.val_size = require_int("data.val_size", val_size, minimum=0)
-        self.split_seed = require_int("data.split_seed", split_seed, minimum=0)
-        self.download = bool(download)
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.download = download
         self.info_train: torch.Tensor | None = None  # (N, 4) info rows of each split, e.g. for per-viewpoint errors
         self.info_val: torch.Tensor | None = None
         self.info_test: torch.Tensor | None = None
@@ -223,7 +224,8 @@ class SmallNORBDataModule(ImageClassificationDataModule):
         """``azimuth`` or ``elevation`` for a novel-viewpoint protocol, None for the standard split."""
         return None if self.split == "standard" else self.split
 
-    def set_test_viewpoints(self, viewpoints: str) -> None:
+    @checked()
+    def set_test_viewpoints(self, viewpoints: Viewpoints) -> None:
         """Which rows of the testing file form the test split of a novel-viewpoint protocol
         (Hinton et al. 2018 report both): ``novel`` = the viewpoints never trained on (the
         protocol's test set, the default); ``familiar`` = the testing file's images at the
@@ -233,10 +235,9 @@ class SmallNORBDataModule(ImageClassificationDataModule):
                 f"viewpoints={viewpoints}: {type(self).__name__} with data.split=standard has no novel-viewpoint protocol. "
                 f"Fix: drop viewpoints=, or use data.split=azimuth or data.split=elevation (+data_overrides.split=azimuth)."
             )
-        chosen = require_choice("viewpoints", viewpoints, VIEWPOINTS)
-        if chosen != self.test_viewpoints:
+        if viewpoints != self.test_viewpoints:
             self.data_test = self.info_test = None  # reselected by the next setup
-        self.test_viewpoints = chosen
+        self.test_viewpoints = viewpoints
 
     def test_mask(self, info: torch.Tensor) -> torch.Tensor:
         """Rows (N,) bool of the testing file's ``info`` (N, 4) in the test split (``split`` and test viewpoints)."""

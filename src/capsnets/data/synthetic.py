@@ -13,8 +13,8 @@ import torch
 
 from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset
 from capsnets.data.transforms import shift_images
-from capsnets.utils.validation import require_int, require_range
 from capsnets.registry import register_datamodule
+from capsnets.schema import Fraction, NonNegativeInt, NumClasses, PositiveInt, checked
 
 __all__ = ["SyntheticDataModule", "make_prototypes"]
 
@@ -62,22 +62,23 @@ class SyntheticDataModule(ImageClassificationDataModule):
         shift_pixels: extra random training shift applied on the device per batch (0 = off).
     """
 
+    @checked("data")
     def __init__(
         self,
         *,
-        num_train: int = 512,
-        num_val: int = 128,
-        num_test: int = 128,
-        batch_size: int = 32,
-        image_size: int = 28,
-        in_channels: int = 1,
-        num_classes: int = 10,
-        noise: float = 0.1,
-        max_shift: int = 2,
-        seed: int = 0,
-        num_workers: int = 0,
+        num_train: PositiveInt = 512,
+        num_val: NonNegativeInt = 128,
+        num_test: NonNegativeInt = 128,
+        batch_size: PositiveInt = 32,
+        image_size: PositiveInt = 28,
+        in_channels: PositiveInt = 1,
+        num_classes: NumClasses = 10,
+        noise: Fraction = 0.1,
+        max_shift: NonNegativeInt = 2,
+        seed: NonNegativeInt = 0,
+        num_workers: NonNegativeInt = 0,
         pin_memory: bool = False,
-        shift_pixels: int = 0,
+        shift_pixels: NonNegativeInt = 0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -88,12 +89,12 @@ class SyntheticDataModule(ImageClassificationDataModule):
             image_size=image_size,
             num_classes=num_classes,
         )
-        self.num_train = require_int("data.num_train", num_train, minimum=1)
-        self.num_val = require_int("data.num_val", num_val, minimum=0)
-        self.num_test = require_int("data.num_test", num_test, minimum=0)
-        self.noise = require_range("data.noise", noise, 0.0, 1.0)
-        self.max_shift = require_int("data.max_shift", max_shift, minimum=0)
-        self.seed = require_int("data.seed", seed, minimum=0)
+        self.num_train = num_train
+        self.num_val = num_val
+        self.num_test = num_test
+        self.noise = float(noise)
+        self.max_shift = max_shift
+        self.seed = seed
         self.prototypes: torch.Tensor | None = None
         self.save_hyperparameters(
             {

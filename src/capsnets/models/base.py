@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, Required, TypedDict
 
 import torch
 from lightning import LightningModule
@@ -20,29 +20,46 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from capsnets.errors import ConfigError
 from capsnets.nn.routing import RoutingTrace, recording
-from capsnets.utils.validation import require_choice, require_positive, require_range
+from capsnets.schema import Fraction, NonNegativeFloat, NumClasses, OtherKeys, PositiveFloat, Range, checked
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-SCHEDULERS = ("exponential", "cosine", "none")
 
 
-def validate_optimizer(cfg: dict[str, Any]) -> None:
-    """Check ``model.optimizer`` (name, lr, weight_decay) before anything is built."""
-    require_choice("model.optimizer.name", cfg.get("name"), tuple(OPTIMIZERS))
-    require_positive("model.optimizer.lr", cfg.get("lr"))
-    if cfg.get("weight_decay", 0.0) < 0:
-        raise ConfigError(f"model.optimizer.weight_decay must be >= 0, got {cfg['weight_decay']!r}.")
+class OptimizerSettings(TypedDict, total=False):
+    """``model.optimizer``: ``name`` picks the torch.optim class; every key but ``name`` is passed to it."""
+
+    name: Required[Literal["adam", "adamw", "sgd"]]  # the keys of OPTIMIZERS
+    lr: Required[PositiveFloat]
+    weight_decay: NonNegativeFloat
+    momentum: NonNegativeFloat  # sgd
 
 
-def validate_scheduler(cfg: dict[str, Any]) -> None:
-    """Check ``model.scheduler``: name; exponential: decay_rate in (0, 1], decay_samples > 0; cosine:
-    final_fraction in [0, 1]."""
-    name = require_choice("model.scheduler.name", cfg.get("name", "none"), SCHEDULERS)
-    if name == "exponential":
-        require_range("model.scheduler.decay_rate", cfg.get("decay_rate"), 1e-12, 1.0)
-        require_positive("model.scheduler.decay_samples", cfg.get("decay_samples"))
-    if name == "cosine":
-        require_range("model.scheduler.final_fraction", cfg.get("final_fraction", 0.0), 0.0, 1.0)
+Optimizer = Annotated[OptimizerSettings, OtherKeys("torch.optim: betas, eps, nesterov, ...")]
+
+
+SchedulerName = Literal["exponential", "cosine", "none"]
+
+
+class SchedulerSettings(TypedDict, total=False):
+    """``model.scheduler``: an exponential decay by ``decay_rate`` every ``decay_samples`` training samples, or a
+    cosine decay to ``final_fraction`` of the LR over the planned run, or none."""
+
+    name: SchedulerName
+    decay_rate: Annotated[float, Range(1e-12, 1.0)]
+    decay_samples: PositiveFloat
+    final_fraction: Fraction
+
+
+def check_schedule(scheduler: SchedulerSettings) -> None:
+    """A rule across settings: the exponential decay needs its rate and its period."""
+    if scheduler.get("name", "none") == "exponential":
+        for name in ("decay_rate", "decay_samples"):
+            if scheduler.get(name) is None:
+                raise ConfigError(
+                    f"model.scheduler.name=exponential decays by decay_rate every decay_samples samples, but "
+                    f"model.scheduler.{name} is not set. Fix: model.scheduler.{name}=<value> (e.g. decay_rate=0.96 "
+                    f"decay_samples=256000), or model.scheduler.name=none."
+                )
 
 
 @dataclass
@@ -67,10 +84,10 @@ class CapsuleClassifier(LightningModule):
     capsule_kind: ClassVar[str | None] = None
     class_layer: ClassVar[str | None] = None
 
-    def __init__(self, *, num_classes: int, optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
+    @checked("model", keys={"num_classes": "model.net.num_classes"})
+    def __init__(self, *, num_classes: NumClasses, optimizer: Optimizer, scheduler: SchedulerSettings) -> None:
         super().__init__()
-        validate_optimizer(optimizer)
-        validate_scheduler(scheduler)
+        check_schedule(scheduler)
         self.optimizer_cfg = dict(optimizer)
         self.scheduler_cfg = dict(scheduler)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -9,10 +9,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from capsnets.models.base import CapsuleClassifier
-from capsnets.nets.cnn import ARCHITECTURES, PRESETS, BaselineCNN
+from capsnets.models.base import CapsuleClassifier, Optimizer, SchedulerSettings
+from capsnets.nets.cnn import PRESETS, Architecture, BaselineCNN
 from capsnets.registry import register_model
-from capsnets.utils.validation import require_choice
+from capsnets.schema import check_value, checked
 
 
 @register_model
@@ -20,13 +20,15 @@ class CNNModule(CapsuleClassifier):
     """LightningModule for the CNN baselines: cross-entropy on the logits; class score = softmax."""
 
     network = BaselineCNN  # the plain nn.Module built from model.net (its constructor types model.net.*)
-    net_settings: ClassVar[dict[str, type]] = {"architecture": str}  # model.net keys the module itself reads
+    net_settings: ClassVar[dict[str, Any]] = {"architecture": Architecture}  # model.net keys the module reads
 
-    def __init__(self, *, net: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any]) -> None:
+    @checked("model")
+    def __init__(self, *, net: dict[str, Any], optimizer: Optimizer, scheduler: SchedulerSettings) -> None:
         super().__init__(num_classes=net["num_classes"], optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(logger=False)  # train.py logs the whole resolved config instead
         net = dict(net)
-        arch = require_choice("model.net.architecture", net.pop("architecture"), ARCHITECTURES)
+        arch = net.pop("architecture")
+        check_value("model.net.architecture", arch, self.net_settings["architecture"])
         self.net = BaselineCNN(**{**PRESETS[arch], **net})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

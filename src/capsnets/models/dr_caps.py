@@ -7,11 +7,17 @@ from typing import Any
 
 import torch
 
-from capsnets.losses import margin_loss, reconstruction_loss
-from capsnets.models.base import CapsuleClassifier
+from capsnets.losses import MarginLossSettings, margin_loss, reconstruction_loss
+from capsnets.models.base import CapsuleClassifier, Optimizer, SchedulerSettings
 from capsnets.nets import CapsNet, EfficientCapsNet
 from capsnets.registry import register_model
-from capsnets.utils.validation import require_range
+from capsnets.schema import NonNegativeFloat, checked
+
+
+class CapsNetLossSettings(MarginLossSettings, total=False):
+    """``model.loss`` of CapsNet: the margin loss plus ``recon_weight`` x the reconstruction loss."""
+
+    recon_weight: NonNegativeFloat
 
 
 @register_model
@@ -28,21 +34,18 @@ class DRCapsModule(CapsuleClassifier):
     capsule_kind = "vector"
     class_layer = "digit"
 
+    @checked("model")
     def __init__(
         self,
         *,
         net: dict[str, Any],
-        loss: dict[str, Any],
-        optimizer: dict[str, Any],
-        scheduler: dict[str, Any],
+        loss: CapsNetLossSettings,
+        optimizer: Optimizer,
+        scheduler: SchedulerSettings,
         routing: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_classes=net["num_classes"], optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(logger=False)  # train.py logs the whole resolved config instead
-        require_range("model.loss.m_plus", loss["m_plus"], 0.0, 1.0)
-        require_range("model.loss.m_minus", loss["m_minus"], 0.0, 1.0)
-        require_range("model.loss.down_weight", loss["down_weight"], 0.0, float("inf"))
-        require_range("model.loss.recon_weight", loss["recon_weight"], 0.0, float("inf"))
         self.loss_cfg = dict(loss)
         self.net = self.network(**net, routing=routing)
 

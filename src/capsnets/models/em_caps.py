@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Required
 
 import torch
 from lightning import Callback
 
-from capsnets.losses import MarginSchedule, margin_loss, spread_loss
-from capsnets.models.base import CapsuleClassifier
+from capsnets.losses import MarginLossSettings, MarginSchedule, margin_loss, spread_loss
+from capsnets.models.base import CapsuleClassifier, Optimizer, SchedulerSettings
 from capsnets.nets import EMCapsNet
 from capsnets.registry import register_model
-from capsnets.utils.validation import require_choice, require_range
+from capsnets.schema import SettingsOf, checked
 
-LOSSES = ("spread", "margin", "cross_entropy")
+
+class EMLossSettings(MarginLossSettings, total=False):
+    """``model.loss`` of matrix capsules: which loss, the spread loss's margin schedule, the margin loss's settings."""
+
+    name: Required[Literal["spread", "margin", "cross_entropy"]]
+    margin_schedule: Annotated[Mapping[str, Any], SettingsOf(MarginSchedule)]
 
 
 @register_model
@@ -32,25 +38,22 @@ class EMCapsModule(CapsuleClassifier):
     capsule_kind = "matrix"
     class_layer = "classes"
 
+    @checked("model")
     def __init__(
         self,
         *,
         net: dict[str, Any],
-        loss: dict[str, Any],
-        optimizer: dict[str, Any],
-        scheduler: dict[str, Any],
+        loss: EMLossSettings,
+        optimizer: Optimizer,
+        scheduler: SchedulerSettings,
         routing: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_classes=net["num_classes"], optimizer=optimizer, scheduler=scheduler)
         self.save_hyperparameters(logger=False)  # train.py logs the whole resolved config instead
-        self.loss_name = require_choice("model.loss.name", loss.get("name"), LOSSES)
+        self.loss_name = loss["name"]
         self.loss_cfg = dict(loss)
-        if self.loss_name == "margin":
-            for key in ("m_plus", "m_minus"):
-                require_range(f"model.loss.{key}", loss[key], 0.0, 1.0)
-            require_range("model.loss.down_weight", loss["down_weight"], 0.0, float("inf"))
         self.margin_schedule_cfg = dict(loss.get("margin_schedule") or {})
-        # validated now, before any data is read; the callback built from it sets spread_margin per batch
+        # checked now, before any data is read; the callback built from it sets spread_margin per batch
         schedule = MarginSchedule(**self.margin_schedule_cfg) if self.loss_name == "spread" else None
         self.spread_margin = schedule.margin(0) if schedule is not None else 0.0
         self.net = EMCapsNet(**net, routing=routing)

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from capsnets.models.base import CapsuleClassifier
+from capsnets.models.base import CapsuleClassifier, Optimizer, SchedulerSettings
 from capsnets.nets import IDACapsNet
 from capsnets.registry import register_model
+from capsnets.schema import checked
 
 
 @register_model
@@ -25,12 +26,13 @@ class IDACapsModule(CapsuleClassifier):
     capsule_kind = "pose"
     class_layer = "classes"
 
+    @checked("model")
     def __init__(
         self,
         *,
         net: dict[str, Any],
-        optimizer: dict[str, Any],
-        scheduler: dict[str, Any],
+        optimizer: Optimizer,
+        scheduler: SchedulerSettings,
         routing: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_classes=net["num_classes"], optimizer=optimizer, scheduler=scheduler)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 from capsnets.errors import ConfigError
 from capsnets.nn import PrimaryCapsules, ReconstructionDecoder, RoutingCapsules
 from capsnets.nn.routing import build_routing
-from capsnets.utils.validation import require_int, require_positive
+from capsnets.schema import NumClasses, PositiveFloat, PositiveInt, checked
 
 
 class CapsNet(nn.Module):
@@ -22,41 +22,26 @@ class CapsNet(nn.Module):
     (``model.routing``; default: dynamic routing with 3 iterations).
     """
 
+    @checked("model.net")
     def __init__(
         self,
         *,
-        in_channels: int,
-        image_size: int,
-        num_classes: int,
-        conv1_channels: int = 256,
-        conv1_kernel: int = 9,
-        primary_types: int = 32,
-        primary_dim: int = 8,
-        primary_kernel: int = 9,
-        primary_stride: int = 2,
-        class_dim: int = 16,
+        in_channels: PositiveInt,
+        image_size: PositiveInt,
+        num_classes: NumClasses,
+        conv1_channels: PositiveInt = 256,
+        conv1_kernel: PositiveInt = 9,
+        primary_types: PositiveInt = 32,
+        primary_dim: PositiveInt = 8,
+        primary_kernel: PositiveInt = 9,
+        primary_stride: PositiveInt = 2,
+        class_dim: PositiveInt = 16,
         routing: Mapping[str, Any] | None = None,
         reconstruction: bool = True,
-        decoder_hidden: list[int] | tuple[int, ...] = (512, 1024),
-        weight_init_std: float = 0.01,
+        decoder_hidden: Sequence[PositiveInt] = (512, 1024),
+        weight_init_std: PositiveFloat = 0.01,
     ) -> None:
         super().__init__()
-        for key, value in {
-            "in_channels": in_channels,
-            "image_size": image_size,
-            "num_classes": num_classes,
-            "conv1_channels": conv1_channels,
-            "conv1_kernel": conv1_kernel,
-            "primary_types": primary_types,
-            "primary_dim": primary_dim,
-            "primary_kernel": primary_kernel,
-            "primary_stride": primary_stride,
-            "class_dim": class_dim,
-        }.items():
-            require_int(f"model.net.{key}", value, minimum=2 if key == "num_classes" else 1)
-        for i, width in enumerate(decoder_hidden):
-            require_int(f"model.net.decoder_hidden[{i}]", width)
-        require_positive("model.net.weight_init_std", weight_init_std)
         conv1_out = image_size - conv1_kernel + 1
         if conv1_out < primary_kernel:
             raise ConfigError(

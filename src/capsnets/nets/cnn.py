@@ -13,40 +13,36 @@ the published parameter counts.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 from torch import nn
 
-from capsnets.utils.validation import require_int, require_range
+from capsnets.errors import ConfigError
+from capsnets.schema import NumClasses, PositiveInt, Range, checked
 
-ARCHITECTURES = ("sabour2017", "hinton2018")
+Architecture = Literal["sabour2017", "hinton2018"]
+ARCHITECTURES: tuple[str, ...] = get_args(Architecture)
 
 
 class BaselineCNN(nn.Module):
     """Conv stack (5x5, same padding, ReLU, optional 2x2 max pool) -> FC layers -> dropout -> logits."""
 
+    @checked("model.net")
     def __init__(
         self,
         *,
-        in_channels: int,
-        image_size: int,
-        num_classes: int,
-        conv_channels: list[int] | tuple[int, ...],
+        in_channels: PositiveInt,
+        image_size: PositiveInt,
+        num_classes: NumClasses,
+        conv_channels: Sequence[PositiveInt],
         pool: bool,
-        fc_units: list[int] | tuple[int, ...],
-        kernel_size: int = 5,
-        dropout: float = 0.5,
+        fc_units: Sequence[PositiveInt],
+        kernel_size: PositiveInt = 5,
+        dropout: Annotated[float, Range(0, 0.99)] = 0.5,
     ) -> None:
         super().__init__()
-        for key, value in {"in_channels": in_channels, "image_size": image_size, "kernel_size": kernel_size}.items():
-            require_int(f"model.net.{key}", value)
-        require_int("model.net.num_classes", num_classes, minimum=2)
-        for i, width in enumerate(conv_channels):
-            require_int(f"model.net.conv_channels[{i}]", width)
-        for i, width in enumerate(fc_units):
-            require_int(f"model.net.fc_units[{i}]", width)
-        require_range("model.net.dropout", dropout, 0.0, 0.99)
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for width in conv_channels:
@@ -55,7 +51,11 @@ class BaselineCNN(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
             channels = width
-        require_int("model.net.image_size (after pooling)", size)
+        if size < 1:  # a rule of two settings: image_size against the number of 2x2 poolings
+            raise ConfigError(
+                f"model.net.image_size={image_size} pools down to nothing (after pooling: {size} px) through "
+                f"{len(conv_channels)} 2x2 poolings. Fix: larger images, or fewer model.net.conv_channels."
+            )
         self.features = nn.Sequential(*layers)
         sizes = [channels * size * size, *fc_units]
         fc: list[nn.Module] = [nn.Flatten()]

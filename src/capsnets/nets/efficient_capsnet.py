@@ -29,7 +29,7 @@ from capsnets.errors import ConfigError
 from capsnets.nn import ReconstructionDecoder, RoutingCapsules
 from capsnets.nn.routing import build_routing
 from capsnets.nn.squash import efficient_squash
-from capsnets.utils.validation import require_int, require_int_lists, require_positive
+from capsnets.schema import NumClasses, PositiveFloat, PositiveInt, check_parallel_lists, checked
 
 
 class DepthwisePrimaryCapsules(nn.Module):
@@ -66,39 +66,27 @@ class EfficientCapsNet(nn.Module):
             ``W`` (N_out, N_in, D_in, D_out), whose Keras fan-in is N_out x N_in x D_in (0.0395 on MNIST).
     """
 
+    @checked("model.net")
     def __init__(
         self,
         *,
-        in_channels: int,
-        image_size: int,
-        num_classes: int,
-        conv_channels: Sequence[int] = (32, 64, 64, 128),
-        conv_kernels: Sequence[int] = (5, 3, 3, 3),
-        conv_strides: Sequence[int] = (1, 1, 1, 2),
-        primary_dim: int = 8,
-        primary_kernel: int = 9,
-        class_dim: int = 16,
+        in_channels: PositiveInt,
+        image_size: PositiveInt,
+        num_classes: NumClasses,
+        conv_channels: Sequence[PositiveInt] = (32, 64, 64, 128),
+        conv_kernels: Sequence[PositiveInt] = (5, 3, 3, 3),
+        conv_strides: Sequence[PositiveInt] = (1, 1, 1, 2),
+        primary_dim: PositiveInt = 8,
+        primary_kernel: PositiveInt = 9,
+        class_dim: PositiveInt = 16,
         routing: Mapping[str, Any] | None = None,
         reconstruction: bool = True,
-        decoder_hidden: Sequence[int] = (512, 1024),
-        weight_init_std: float | None = None,
+        decoder_hidden: Sequence[PositiveInt] = (512, 1024),
+        weight_init_std: PositiveFloat | None = None,
     ) -> None:
         super().__init__()
-        for key, value in {
-            "in_channels": in_channels,
-            "image_size": image_size,
-            "primary_dim": primary_dim,
-            "primary_kernel": primary_kernel,
-            "class_dim": class_dim,
-        }.items():
-            require_int(f"model.net.{key}", value)
-        require_int("model.net.num_classes", num_classes, minimum=2)
         lists = {"conv_channels": conv_channels, "conv_kernels": conv_kernels, "conv_strides": conv_strides}
-        require_int_lists("model.net.", lists, min_length=1)
-        for i, width in enumerate(decoder_hidden):
-            require_int(f"model.net.decoder_hidden[{i}]", width)
-        if weight_init_std is not None:
-            require_positive("model.net.weight_init_std", weight_init_std)
+        check_parallel_lists("model.net", lists, min_length=1)
 
         layers: list[nn.Module] = []
         channels, size, sizes = in_channels, image_size, []

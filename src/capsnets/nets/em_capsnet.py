@@ -10,8 +10,9 @@ from torch import nn
 
 from capsnets.errors import ConfigError
 from capsnets.nn import ClassCapsules, ConvCapsules, PrimaryMatrixCapsules
+from capsnets.nn.matrix_caps import PoseKind
 from capsnets.nn.routing import build_routing
-from capsnets.utils.validation import require_choice, require_int, require_positive
+from capsnets.schema import NumClasses, PositiveFloat, PositiveInt, checked
 
 
 class EMCapsNet(nn.Module):
@@ -27,53 +28,32 @@ class EMCapsNet(nn.Module):
     built once per capsule layer.
     """
 
+    @checked("model.net")
     def __init__(
         self,
         *,
-        in_channels: int,
-        image_size: int,
-        num_classes: int,
-        A: int = 32,
-        B: int = 32,
-        C: int = 32,
-        D: int = 32,
-        conv1_kernel: int = 5,
-        conv1_stride: int = 2,
-        caps1_kernel: int = 3,
-        caps1_stride: int = 2,
-        caps2_kernel: int = 3,
-        caps2_stride: int = 1,
-        pose: str = "matrix",
+        in_channels: PositiveInt,
+        image_size: PositiveInt,
+        num_classes: NumClasses,
+        A: PositiveInt = 32,
+        B: PositiveInt = 32,
+        C: PositiveInt = 32,
+        D: PositiveInt = 32,
+        conv1_kernel: PositiveInt = 5,
+        conv1_stride: PositiveInt = 2,
+        caps1_kernel: PositiveInt = 3,
+        caps1_stride: PositiveInt = 2,
+        caps2_kernel: PositiveInt = 3,
+        caps2_stride: PositiveInt = 1,
+        pose: PoseKind = "matrix",
         coordinate_addition: bool = True,
-        coordinate_scale: float = 1.0,
-        caps_init_std: float | None = None,
-        class_init_std: float | None = None,
+        coordinate_scale: PositiveFloat = 1.0,
+        caps_init_std: PositiveFloat | None = None,
+        class_init_std: PositiveFloat | None = None,
         conv1_norm: Literal["none", "batch"] = "none",
         routing: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        sizes = {
-            "in_channels": in_channels,
-            "image_size": image_size,
-            "A": A,
-            "B": B,
-            "C": C,
-            "D": D,
-            "conv1_kernel": conv1_kernel,
-            "conv1_stride": conv1_stride,
-            "caps1_kernel": caps1_kernel,
-            "caps1_stride": caps1_stride,
-            "caps2_kernel": caps2_kernel,
-            "caps2_stride": caps2_stride,
-        }
-        for key, value in sizes.items():
-            require_int(f"model.net.{key}", value)
-        require_int("model.net.num_classes", num_classes, minimum=2)
-        require_choice("model.net.pose", pose, ("matrix", "vector"))
-        require_choice("model.net.conv1_norm", conv1_norm, ("none", "batch"))
-        for key, value in {"caps_init_std": caps_init_std, "class_init_std": class_init_std}.items():
-            if value is not None:
-                require_positive(f"model.net.{key}", value)
         grid = (image_size - conv1_kernel) // conv1_stride + 1
         grid1 = (grid - caps1_kernel) // caps1_stride + 1 if grid >= caps1_kernel else 0
         grid2 = (grid1 - caps2_kernel) // caps2_stride + 1 if grid1 >= caps2_kernel else 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -32,10 +32,10 @@ from capsnets.errors import ConfigError
 from capsnets.nn.conv_caps import conv_child_index
 from capsnets.nn.matrix_caps import MATRIX_SIDE, POSE_SIZE, capsule_votes
 from capsnets.nn.routing import ChildLayout, Routing, RoutingResult, RoutingTrace, build_routing
-from capsnets.utils.validation import require_choice, require_int, require_int_lists
+from capsnets.schema import NumClasses, PositiveInt, check_parallel_lists, checked
 
-BACKBONES = ("resnet", "simple")
-ROUTING_MODES = ("concurrent", "sequential")
+Backbone = Literal["resnet", "simple"]
+RoutingMode = Literal["concurrent", "sequential"]
 
 
 class ResidualBlock(nn.Module):
@@ -83,21 +83,24 @@ class PoseCapsules(nn.Module):
     with fan_in the children of a parent, as the release. (B, H, W, T_in, 16) -> (B, H_out, W_out, T_out, 16).
     """
 
+    @checked("PoseCapsules")
     def __init__(
         self,
         *,
-        in_types: int,
-        out_types: int,
+        in_types: PositiveInt,
+        out_types: PositiveInt,
         routing: Routing,
-        kernel_size: int | None = None,
-        stride: int = 1,
-        in_size: int | None = None,
+        kernel_size: PositiveInt | None = None,
+        stride: PositiveInt = 1,
+        in_size: PositiveInt | None = None,
     ) -> None:
         super().__init__()
         if routing.kind != "pose" or routing.out_types != out_types:
             raise ConfigError(f"PoseCapsules needs a pose-capsule routing for {out_types} parent types, got {routing}.")
+        if kernel_size is None and in_size is None:
+            raise ConfigError("PoseCapsules: a fully connected layer (kernel_size=None) needs its in_size.")
         self.in_types, self.out_types, self.kernel_size, self.stride = in_types, out_types, kernel_size, stride
-        slots = kernel_size**2 if kernel_size is not None else require_int("PoseCapsules.in_size", in_size) ** 2
+        slots = (kernel_size if kernel_size is not None else in_size) ** 2
         std = math.sqrt(out_types / (MATRIX_SIDE * slots * in_types))
         self.weight = nn.Parameter(std * torch.randn(slots, in_types, out_types, MATRIX_SIDE, MATRIX_SIDE))
         self.routing = routing
@@ -164,36 +167,27 @@ class IDACapsNet(nn.Module):
         routing_mode: ``concurrent`` (the paper's) or ``sequential``.
     """
 
+    @checked("model.net")
     def __init__(
         self,
         *,
-        in_channels: int,
-        image_size: int,
-        num_classes: int,
-        backbone: str = "resnet",
-        backbone_channels: int = 128,
-        backbone_stride: int = 2,
-        primary_types: int = 32,
-        caps_types: Sequence[int] = (32, 32),
-        caps_kernels: Sequence[int] = (3, 3),
-        caps_strides: Sequence[int] = (2, 1),
+        in_channels: PositiveInt,
+        image_size: PositiveInt,
+        num_classes: NumClasses,
+        backbone: Backbone = "resnet",
+        backbone_channels: PositiveInt = 128,
+        backbone_stride: PositiveInt = 2,
+        primary_types: PositiveInt = 32,
+        caps_types: Sequence[PositiveInt] = (32, 32),
+        caps_kernels: Sequence[PositiveInt] = (3, 3),
+        caps_strides: Sequence[PositiveInt] = (2, 1),
         routing: Mapping[str, Any] | None = None,
-        routing_mode: str = "concurrent",
+        routing_mode: RoutingMode = "concurrent",
     ) -> None:
         super().__init__()
-        for key, value in {
-            "in_channels": in_channels,
-            "image_size": image_size,
-            "backbone_channels": backbone_channels,
-            "backbone_stride": backbone_stride,
-            "primary_types": primary_types,
-        }.items():
-            require_int(f"model.net.{key}", value)
-        require_int("model.net.num_classes", num_classes, minimum=2)
-        require_choice("model.net.backbone", backbone, BACKBONES)
-        self.routing_mode = require_choice("model.net.routing_mode", routing_mode, ROUTING_MODES)
+        self.routing_mode = routing_mode
         lists = {"caps_types": caps_types, "caps_kernels": caps_kernels, "caps_strides": caps_strides}
-        require_int_lists("model.net.", lists)
+        check_parallel_lists("model.net", lists)
         routing = routing or {"name": "inverted_dot_product"}
 
         self.backbone = make_backbone(backbone, in_channels, backbone_channels, backbone_stride)

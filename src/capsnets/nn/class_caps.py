@@ -16,13 +16,13 @@ from capsnets.errors import ConfigError
 from capsnets.nn.matrix_caps import (
     MATRIX_SIDE,
     POSE_SIZE,
+    PoseKind,
     capsule_votes,
     check_capsules,
     init_transforms,
-    validate_pose_and_init,
 )
 from capsnets.nn.routing import Routing
-from capsnets.utils.validation import require_int, require_positive
+from capsnets.schema import PositiveFloat, PositiveInt, checked
 
 # vote elements that receive (row, col): the first two entries of the right-hand column of the
 # 4x4 matrix, i.e. [0, 3] and [1, 3] -> flattened row-major 3 and 7; a vector pose has no
@@ -69,24 +69,23 @@ class ClassCapsules(nn.Module):
     Slot ``(y * W + x)`` of the routing's assignments is the child at grid position (y, x).
     """
 
+    @checked("ClassCapsules")
     def __init__(
         self,
         *,
-        in_types: int,
-        num_classes: int,
+        in_types: PositiveInt,
+        num_classes: PositiveInt,
         routing: Routing,
         coordinate_addition: bool = True,
-        coordinate_scale: float = 1.0,
-        pose: str = "matrix",
-        init_std: float | None = None,
+        coordinate_scale: PositiveFloat = 1.0,
+        pose: PoseKind = "matrix",
+        init_std: PositiveFloat | None = None,
     ) -> None:
         super().__init__()
-        self.in_types = require_int("ClassCapsules.in_types", in_types)
-        self.num_classes = require_int("ClassCapsules.num_classes", num_classes)
-        validate_pose_and_init("ClassCapsules", pose=pose, init_std=init_std)
+        self.in_types, self.num_classes = in_types, num_classes
         self.pose = pose
-        self.coordinate_addition = bool(coordinate_addition)
-        self.coordinate_scale = require_positive("model.net.coordinate_scale", coordinate_scale)
+        self.coordinate_addition = coordinate_addition
+        self.coordinate_scale = float(coordinate_scale)
         if routing.kind != "matrix" or routing.out_types != num_classes:
             raise ConfigError(f"ClassCapsules needs a matrix-capsule routing for {num_classes} classes, got {routing}.")
         if init_std is None:  # the routing's own scale, if its procedure has one; W is shared over positions (1x1)

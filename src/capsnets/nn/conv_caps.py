@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from capsnets.errors import ConfigError
-from capsnets.nn.matrix_caps import POSE_SIZE, capsule_votes, check_capsules, init_transforms, validate_pose_and_init
+from capsnets.nn.matrix_caps import POSE_SIZE, PoseKind, capsule_votes, check_capsules, init_transforms
 from capsnets.nn.routing import ChildLayout, Routing
-from capsnets.utils.validation import require_int
+from capsnets.schema import PositiveFloat, PositiveInt, checked
 
 
 def conv_child_index(
@@ -54,23 +54,20 @@ class ConvCapsules(nn.Module):
     ``(oy*stride + ky, ox*stride + kx)``.
     """
 
+    @checked("ConvCapsules")
     def __init__(
         self,
         *,
-        in_types: int,
-        out_types: int,
-        kernel_size: int,
-        stride: int,
+        in_types: PositiveInt,
+        out_types: PositiveInt,
+        kernel_size: PositiveInt,
+        stride: PositiveInt,
         routing: Routing,
-        pose: str = "matrix",
-        init_std: float | None = None,
+        pose: PoseKind = "matrix",
+        init_std: PositiveFloat | None = None,
     ) -> None:
         super().__init__()
-        self.in_types = require_int("ConvCapsules.in_types", in_types)
-        self.out_types = require_int("ConvCapsules.out_types", out_types)
-        self.kernel_size = require_int("ConvCapsules.kernel_size", kernel_size)
-        self.stride = require_int("ConvCapsules.stride", stride)
-        validate_pose_and_init("ConvCapsules", pose=pose, init_std=init_std)
+        self.in_types, self.out_types, self.kernel_size, self.stride = in_types, out_types, kernel_size, stride
         self.pose = pose
         if routing.kind != "matrix" or routing.out_types != out_types:
             raise ConfigError(

@@ -9,12 +9,14 @@ row-major, and activations (B, H, W, T) in (0, 1). ``pose="vector"`` is the pape
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
-from capsnets.utils.validation import require_choice, require_int, require_positive
+from capsnets.schema import PositiveInt, checked
 
-POSE_KINDS = ("matrix", "vector")
+PoseKind = Literal["matrix", "vector"]
 POSE_SIZE = 16  # 4x4 pose matrix, flattened row-major
 MATRIX_SIDE = 4
 
@@ -73,10 +75,10 @@ class PrimaryMatrixCapsules(nn.Module):
     Input (B, C, H, W) -> poses (B, H, W, T, 16) and activations (B, H, W, T).
     """
 
-    def __init__(self, in_channels: int, *, num_types: int) -> None:
+    @checked("PrimaryMatrixCapsules")
+    def __init__(self, in_channels: PositiveInt, *, num_types: PositiveInt) -> None:
         super().__init__()
-        require_int("PrimaryMatrixCapsules.in_channels", in_channels)
-        self.num_types = require_int("PrimaryMatrixCapsules.num_types", num_types)
+        self.num_types = num_types
         self.pose_conv = nn.Conv2d(in_channels, num_types * POSE_SIZE, kernel_size=1)
         self.activation_conv = nn.Conv2d(in_channels, num_types, kernel_size=1)
 
@@ -89,10 +91,3 @@ class PrimaryMatrixCapsules(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.pose_conv.in_channels}, num_types={self.num_types}"
-
-
-def validate_pose_and_init(layer: str, *, pose: str, init_std: float | None) -> None:
-    """Config checks shared by the conv and class capsule layers."""
-    require_choice(f"{layer}.pose", pose, POSE_KINDS)
-    if init_std is not None:
-        require_positive(f"{layer}.init_std", init_std)

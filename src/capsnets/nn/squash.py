@@ -9,6 +9,8 @@ gradients. With the epsilon, ``squash(0) = 0`` with a finite gradient.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 
@@ -30,3 +32,4 @@ def efficient_squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch
 
 
 SQUASHES = {"sabour": squash, "efficient": efficient_squash}
+Squash = Literal["sabour", "efficient"]  # a setting naming one of SQUASHES

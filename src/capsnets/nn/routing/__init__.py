@@ -12,7 +12,9 @@
   assignments (both kinds, ``baselines.py``).
 
 Adding a procedure: one file here with a :class:`Routing` subclass decorated by
-``@register_routing(name, kinds=...)``, its import below, and ``conf/model/routing/<name>.yaml``.
+``@register_routing(name, kinds=...)``, its import below, and ``conf/model/routing/<name>.yaml``. Its settings are
+keyword arguments of its constructor, annotated with their rules (``PositiveFloat``, ``Literal[...]``; see
+:mod:`capsnets.schema`) and checked by ``@checked(routing_key)``: at compose time and when built, one rule each.
 """
 
 from capsnets.nn.routing import baselines, dynamic, em, em_fused, inverted, self_attention, vb  # noqa: F401

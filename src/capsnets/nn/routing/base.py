@@ -38,19 +38,24 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from torch import nn
 
 from capsnets.errors import ConfigError
 from capsnets.nn.routing.layout import ChildLayout
-from capsnets.utils.validation import require_choice, require_int
+from capsnets.schema import PositiveInt, check_settings, checked, constructor_hints
 
 # capsule kinds: vectors whose length is the activation; pose matrices with an activation; poses alone (Tsai et al.
 # 2020: layer-normalised poses, a model reads class scores from the class capsules' poses)
 KINDS = ("vector", "matrix", "pose")
-ROLES = ("hidden", "class")  # an intermediate capsule layer, or the layer of class capsules
+Role = Literal["hidden", "class"]  # an intermediate capsule layer, or the layer of class capsules
+
+
+def routing_key(routing: Routing, settings: Mapping[str, Any]) -> str:
+    """The config key of a routing being built (its ``key`` setting): the prefix of its settings in messages."""
+    return settings.get("key", "model.routing")
 
 
 class RoutingResult(NamedTuple):
@@ -95,25 +100,26 @@ class Routing(nn.Module):
     impl: ClassVar[str] = "reference"
     kinds: ClassVar[tuple[str, ...]] = ()
 
+    @checked(routing_key)
     def __init__(
         self,
         *,
         kind: str,
-        out_types: int,
-        iterations: int = 3,
-        role: str = "hidden",
-        in_slots: tuple[int, int] | None = None,
+        out_types: PositiveInt,
+        iterations: PositiveInt = 3,
+        role: Role = "hidden",
+        in_slots: tuple[PositiveInt, PositiveInt] | None = None,
         key: str = "model.routing",
     ) -> None:
         super().__init__()
         self.key = key
-        self.kind = require_choice(f"{key} kind", kind, self.kinds)
-        self.out_types = require_int(f"{key}.out_types", out_types)
-        self.iterations = require_int(f"{key}.iterations", iterations)
-        self.role = require_choice(f"{key} role", role, ROLES)
-        if in_slots is not None:
-            in_slots = (require_int(f"{key} in_slots[0]", in_slots[0]), require_int(f"{key} in_slots[1]", in_slots[1]))
-        self.in_slots = in_slots
+        if kind not in self.kinds:  # which kinds depends on the class (register_routing), so it is no annotation
+            raise ConfigError(f"{key}: routing {self.name!r} is for {', '.join(self.kinds)} capsules, not {kind!r}.")
+        self.kind = kind
+        self.out_types = out_types
+        self.iterations = iterations
+        self.role = role
+        self.in_slots = None if in_slots is None else (in_slots[0], in_slots[1])
         self.record_trace = False  # keep every iteration in self.trace (routing statistics)
         self.trace: RoutingTrace | None = None
 
@@ -214,7 +220,8 @@ def routing_settings(cls: type[Routing]) -> set[str]:
 
 
 def check_routing_config(cfg: Mapping[str, Any], *, kind: str, key: str = "model.routing") -> type[Routing]:
-    """Compose-time check of a routing config for a model of capsule ``kind``: name, impl, kind, keys."""
+    """Compose-time check of a routing config for a model of capsule ``kind``: name, impl, kind, keys, and every
+    value against the annotations of the class's constructor (the same check the constructor makes)."""
     cls = routing_class(cfg, kind=kind, key=key)
     unknown = sorted(set(cfg) - {"name", "impl"} - routing_settings(cls))
     if unknown:
@@ -222,6 +229,7 @@ def check_routing_config(cfg: Mapping[str, Any], *, kind: str, key: str = "model
             f"{key}: {', '.join(unknown)} is not a setting of routing {cls.name!r}; "
             f"its settings: {', '.join(sorted(routing_settings(cls)))}."
         )
+    check_settings(key, cfg, constructor_hints(cls), skip=("name", "impl"))
     return cls
 
 

@@ -40,12 +40,12 @@ import torch
 from torch import nn
 
 from capsnets.errors import ConfigError
-from capsnets.nn.routing.base import RoutingResult, RoutingTrace, register_routing
+from capsnets.nn.routing.base import RoutingResult, RoutingTrace, register_routing, routing_key
 from capsnets.nn.routing.em import EMRoutingBase, m_step
 from capsnets.nn.routing.inverted import parent_share
 from capsnets.nn.routing.layout import ChildLayout
 from capsnets.nn.squash import squash
-from capsnets.utils.validation import require_bool, require_int, require_positive
+from capsnets.schema import NonNegativeInt, PositiveFloat, PositiveInt, checked
 
 # what a baseline on matrix capsules takes when the config does not say: capsnets' EM routing (em_capsnets.yaml)
 MATRIX_DEFAULTS: dict[str, Any] = {"iterations": 2, "normalisation": "type", "class_lambda_scale": 1.0}
@@ -61,7 +61,8 @@ class AssignmentBaseline(EMRoutingBase):
 
     vector_settings: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, *, pose_dim: int | None = None, **settings: Any) -> None:
+    @checked(routing_key)
+    def __init__(self, *, pose_dim: PositiveInt | None = None, **settings: Any) -> None:
         kind, key = settings.get("kind"), settings.get("key", "model.routing")
         if pose_dim is not None and kind != "pose":
             raise ConfigError(f"{key}.pose_dim is a setting of routings on pose capsules only; remove it.")
@@ -82,7 +83,7 @@ class AssignmentBaseline(EMRoutingBase):
             # the normalisation of the routing stood in for: dynamic routing's, inverted dot-product routing's
             self.normalisation = {"vector": "covering", "pose": "patch"}[self.kind]
         if self.kind == "pose":  # inverted dot-product routing's LayerNorm, learned gain and bias
-            self.norm = nn.LayerNorm(require_int(f"{self.key}.pose_dim", 16 if pose_dim is None else pose_dim))
+            self.norm = nn.LayerNorm(16 if pose_dim is None else pose_dim)
 
     def assignments(self, shape: torch.Size, like: torch.Tensor, layout: ChildLayout) -> torch.Tensor:
         """(B, P, K, T_in, T_out) assignments, each child's summing to 1 over its parents (``type``: per type)."""
@@ -166,11 +167,14 @@ class RandomRouting(AssignmentBaseline):
 
     vector_settings = frozenset({"logit_std", "seed", "redraw"})
 
-    def __init__(self, *, logit_std: float = 1.0, seed: int = 0, redraw: bool = False, **settings: Any) -> None:
+    @checked(routing_key)
+    def __init__(
+        self, *, logit_std: PositiveFloat = 1.0, seed: NonNegativeInt = 0, redraw: bool = False, **settings: Any
+    ) -> None:
         super().__init__(**settings)
-        self.logit_std = require_positive(f"{self.key}.logit_std", logit_std)
-        self.seed = require_int(f"{self.key}.seed", seed, minimum=0)
-        self.redraw = require_bool(f"{self.key}.redraw", redraw)
+        self.logit_std = float(logit_std)
+        self.seed = seed
+        self.redraw = redraw
 
     def assignments(self, shape: torch.Size, like: torch.Tensor, layout: ChildLayout) -> torch.Tensor:
         if self.redraw and self.training:

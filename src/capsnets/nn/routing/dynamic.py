@@ -7,12 +7,14 @@ coupling-weighted sum of its predictions. Agreement ``u_hat_{j|i} . v_j`` raises
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from capsnets.errors import ConfigError
-from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing
+from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing, routing_key
 from capsnets.nn.routing.layout import ChildLayout
 from capsnets.nn.squash import squash
+from capsnets.schema import PositiveInt, checked
 
 
 def dynamic_routing(
@@ -69,10 +71,9 @@ class DynamicRouting(Routing):
         detach_inner: gradients through the last iteration only (see :func:`dynamic_routing`).
     """
 
-    def __init__(self, *, iterations: int = 3, detach_inner: bool = False, **base) -> None:
+    @checked(routing_key)
+    def __init__(self, *, iterations: PositiveInt = 3, detach_inner: bool = False, **base: Any) -> None:
         super().__init__(iterations=iterations, **base)
-        if not isinstance(detach_inner, bool):
-            raise ConfigError(f"{self.key}.detach_inner must be true or false, got {detach_inner!r}.")
         self.detach_inner = detach_inner
 
     def route(

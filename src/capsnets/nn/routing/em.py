@@ -47,18 +47,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsnets.errors import ConfigError
-from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing
-from capsnets.nn.routing.layout import NORMALISATIONS, ChildLayout
-from capsnets.utils.validation import require_choice, require_positive, require_range
+from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing, routing_key
+from capsnets.nn.routing.layout import ChildLayout, Normalisation
+from capsnets.schema import BoundedFloat, PositiveFloat, PositiveInt, Range, checked
 
-LAMBDA_SCHEDULES = ("official", "fixed")
+LambdaSchedule = Literal["official", "fixed"]
+MomentDtype = Literal["float32", "float64"]
 MOMENT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MeanSmoothing = Annotated[float, Range(0, 0.99)]  # 1 would freeze the means at 0
 LAMBDA_DECAY = 0.95  # official schedule: lambda_t = lambda_value * (1 - 0.95 ** (t + 1))
 
 
@@ -138,58 +140,49 @@ class EMRoutingBase(Routing):
             at the class layer (null = the same; release: 2.0 and -1.0).
     """
 
+    @checked(routing_key)
     def __init__(
         self,
         *,
-        iterations: int = 3,
-        lambda_schedule: str = "official",
-        lambda_value: float = 0.01,
-        class_lambda_scale: float = 0.25,
-        var_floor: float = 0.0005,
-        eps: float = 1e-8,
-        normalisation: str = "covering",
-        moment_dtype: str = "float32",
+        iterations: PositiveInt = 3,
+        lambda_schedule: LambdaSchedule = "official",
+        lambda_value: PositiveFloat = 0.01,
+        class_lambda_scale: PositiveFloat = 0.25,
+        var_floor: PositiveFloat = 0.0005,
+        eps: PositiveFloat = 1e-8,
+        normalisation: Normalisation = "covering",
+        moment_dtype: MomentDtype = "float32",
         log_variance: bool = False,
-        beta_u_scale: float = 1.0,
-        beta_a_scale: float = 1.0,
-        mean_smoothing: float = 0.0,
+        beta_u_scale: PositiveFloat = 1.0,
+        beta_a_scale: PositiveFloat = 1.0,
+        mean_smoothing: MeanSmoothing = 0.0,
         detach_assignments: bool = False,
-        beta_u_init: float = 0.0,
-        beta_a_init: float = 0.0,
-        class_beta_u_init: float | None = None,
-        class_beta_a_init: float | None = None,
-        **base,
+        beta_u_init: BoundedFloat = 0.0,
+        beta_a_init: BoundedFloat = 0.0,
+        class_beta_u_init: BoundedFloat | None = None,
+        class_beta_a_init: BoundedFloat | None = None,
+        **base: Any,
     ) -> None:
         super().__init__(iterations=iterations, **base)
-        key = self.key
-        self.lambda_schedule = require_choice(f"{key}.lambda_schedule", lambda_schedule, LAMBDA_SCHEDULES)
-        self.lambda_value = require_positive(f"{key}.lambda_value", lambda_value)
-        self.class_lambda_scale = require_positive(f"{key}.class_lambda_scale", class_lambda_scale)
-        self.var_floor = require_positive(f"{key}.var_floor", var_floor)
-        self.eps = require_positive(f"{key}.eps", eps)
-        self.normalisation = require_choice(f"{key}.normalisation", normalisation, NORMALISATIONS)
-        self.moment_dtype = require_choice(f"{key}.moment_dtype", moment_dtype, tuple(MOMENT_DTYPES))
-        for name, flag in {"log_variance": log_variance, "detach_assignments": detach_assignments}.items():
-            if not isinstance(flag, bool):
-                raise ConfigError(f"{key}.{name} must be true or false, got {flag!r}.")
+        self.lambda_schedule = lambda_schedule
+        self.lambda_value = float(lambda_value)
+        self.class_lambda_scale = float(class_lambda_scale)
+        self.var_floor = float(var_floor)
+        self.eps = float(eps)
+        self.normalisation = normalisation
+        self.moment_dtype = moment_dtype
         self.variant = EMVariant(
             log_variance=log_variance,
-            beta_u_scale=require_positive(f"{key}.beta_u_scale", beta_u_scale),
-            beta_a_scale=require_positive(f"{key}.beta_a_scale", beta_a_scale),
-            mean_smoothing=require_range(f"{key}.mean_smoothing", mean_smoothing, 0.0, 0.99),
+            beta_u_scale=float(beta_u_scale),
+            beta_a_scale=float(beta_a_scale),
+            mean_smoothing=float(mean_smoothing),
             detach_assignments=detach_assignments,
         )
-        inits = {"beta_u_init": beta_u_init, "beta_a_init": beta_a_init}
-        if self.role == "class":
-            inits = {"beta_u_init": class_beta_u_init, "beta_a_init": class_beta_a_init}
-            inits = {
-                k: v if v is not None else {"beta_u_init": beta_u_init, "beta_a_init": beta_a_init}[k]
-                for k, v in inits.items()
-            }
-        for name, value in inits.items():
-            require_range(f"{key}.{'class_' if self.role == 'class' else ''}{name}", value, -1e6, 1e6)
-        self.beta_u = nn.Parameter(torch.full((self.out_types,), float(inits["beta_u_init"])))
-        self.beta_a = nn.Parameter(torch.full((self.out_types,), float(inits["beta_a_init"])))
+        if self.role == "class":  # the class layer's own initial betas, where given
+            beta_u_init = class_beta_u_init if class_beta_u_init is not None else beta_u_init
+            beta_a_init = class_beta_a_init if class_beta_a_init is not None else beta_a_init
+        self.beta_u = nn.Parameter(torch.full((self.out_types,), float(beta_u_init)))
+        self.beta_a = nn.Parameter(torch.full((self.out_types,), float(beta_a_init)))
 
     @property
     def lambdas(self) -> list[float]:

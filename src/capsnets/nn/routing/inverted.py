@@ -28,13 +28,14 @@ uses LayerNorm with learned elementwise affine parameters; these are the default
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing
-from capsnets.nn.routing.layout import NORMALISATIONS, ChildLayout
-from capsnets.utils.validation import require_bool, require_choice, require_int
+from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing, routing_key
+from capsnets.nn.routing.layout import ChildLayout, Normalisation
+from capsnets.schema import PositiveInt, checked
 
 
 def parent_share(r: torch.Tensor) -> torch.Tensor:
@@ -54,19 +55,20 @@ class InvertedDotProductRouting(Routing):
         layer_norm_affine: learned elementwise gain and bias of the LayerNorm (release: yes).
     """
 
+    @checked(routing_key)
     def __init__(
         self,
         *,
-        iterations: int = 2,
-        normalisation: str = "patch",
-        pose_dim: int = 16,
+        iterations: PositiveInt = 2,
+        normalisation: Normalisation = "patch",
+        pose_dim: PositiveInt = 16,
         layer_norm_affine: bool = True,
-        **base,
+        **base: Any,
     ) -> None:
         super().__init__(iterations=iterations, **base)
-        self.normalisation = require_choice(f"{self.key}.normalisation", normalisation, NORMALISATIONS)
-        self.pose_dim = require_int(f"{self.key}.pose_dim", pose_dim)
-        self.layer_norm_affine = require_bool(f"{self.key}.layer_norm_affine", layer_norm_affine)
+        self.normalisation = normalisation
+        self.pose_dim = pose_dim
+        self.layer_norm_affine = layer_norm_affine
         self.norm = nn.LayerNorm(self.pose_dim, elementwise_affine=self.layer_norm_affine)
 
     def step(

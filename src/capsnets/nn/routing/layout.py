@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-NORMALISATIONS = ("covering", "type", "patch")
+Normalisation = Literal["covering", "type", "patch"]
+NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,16 @@ routing statistics are ``C`` (which sum to 1 over each child's parents).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from capsnets.errors import ConfigError
-from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing
+from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing, routing_key
 from capsnets.nn.routing.layout import ChildLayout
-from capsnets.nn.squash import SQUASHES
-from capsnets.utils.validation import require_bool, require_choice
+from capsnets.nn.squash import SQUASHES, Squash
+from capsnets.schema import PositiveInt, checked
 
 
 def self_attention_routing(
@@ -81,15 +82,18 @@ class SelfAttentionRouting(Routing):
         squash: ``efficient`` (the paper's Eq. 7) or ``sabour``.
     """
 
-    def __init__(self, *, iterations: int = 1, prior: bool = True, squash: str = "efficient", **base) -> None:
+    @checked(routing_key)
+    def __init__(
+        self, *, iterations: PositiveInt = 1, prior: bool = True, squash: Squash = "efficient", **base: Any
+    ) -> None:
         super().__init__(iterations=iterations, **base)
         if self.iterations != 1:
             raise ConfigError(
                 f"{self.key}.iterations={iterations}: self-attention routing is a single pass. "
                 f"Fix: {self.key}.iterations=1."
             )
-        self.prior = require_bool(f"{self.key}.prior", prior)
-        self.squash = require_choice(f"{self.key}.squash", squash, tuple(SQUASHES))
+        self.prior = prior
+        self.squash = squash
         self.log_prior: nn.Parameter | None = None
         if self.prior:
             if self.in_slots is None:

@@ -43,16 +43,16 @@ is over the parent types of each position (as the release sums ``alpha`` over ty
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from capsnets.errors import ConfigError
-from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing
-from capsnets.nn.routing.layout import NORMALISATIONS, ChildLayout
-from capsnets.utils.validation import require_bool, require_choice, require_positive, require_range
+from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing, routing_key
+from capsnets.nn.routing.layout import ChildLayout, Normalisation
+from capsnets.schema import BoundedFloat, PositiveFloat, PositiveInt, checked
 
 BN_EPS = 1e-5  # torch's BatchNorm default, as the release's nn.BatchNorm2d/3d
 POSE_SIZE = 16  # D, the pose elements of capsnets' matrix capsules (4x4)
@@ -146,45 +146,37 @@ class VBRouting(Routing):
             gradient norm ~1e3 vs ~3).
     """
 
+    @checked(routing_key)
     def __init__(
         self,
         *,
-        iterations: int = 3,
-        alpha0: float = 1.0,
-        kappa0: float = 1.0,
-        nu0: float | None = None,
-        psi0: float = 1.0,
-        m0: float = 0.0,
-        normalisation: str = "patch",
+        iterations: PositiveInt = 3,
+        alpha0: PositiveFloat = 1.0,
+        kappa0: PositiveFloat = 1.0,
+        nu0: PositiveFloat | None = None,
+        psi0: PositiveFloat = 1.0,
+        m0: BoundedFloat = 0.0,
+        normalisation: Normalisation = "patch",
         batch_norm: bool = True,
         pose_batch_norm: bool = True,
-        beta_u_init: float = 0.0,
-        beta_a_init: float = 0.0,
+        beta_u_init: BoundedFloat = 0.0,
+        beta_a_init: BoundedFloat = 0.0,
         transform_init: Literal["xavier", "layer"] = "xavier",
-        eps: float = 1e-8,
-        **base,
+        eps: PositiveFloat = 1e-8,
+        **base: Any,
     ) -> None:
         super().__init__(iterations=iterations, **base)
-        key = self.key
-        self.alpha0 = require_positive(f"{key}.alpha0", alpha0)
-        self.kappa0 = require_positive(f"{key}.kappa0", kappa0)
-        self.psi0 = require_positive(f"{key}.psi0", psi0)
-        self.m0 = require_range(f"{key}.m0", m0, -1e6, 1e6)
+        self.alpha0, self.kappa0, self.psi0, self.m0 = float(alpha0), float(kappa0), float(psi0), float(m0)
         self.nu0 = nu0  # None: D + 1, fixed once the pose size is seen
         if nu0 is not None:
-            require_positive(f"{key}.nu0", nu0)
             self.prior_nu(POSE_SIZE)  # capsnets' matrix capsules have 4x4 poses: refuse a bad nu0 before training
-        self.normalisation = require_choice(f"{key}.normalisation", normalisation, NORMALISATIONS)
-        self.batch_norm = require_bool(f"{key}.batch_norm", batch_norm)
-        self.pose_batch_norm = require_bool(f"{key}.pose_batch_norm", pose_batch_norm)
-        self.eps = require_positive(f"{key}.eps", eps)
-        self.transform_init = require_choice(f"{key}.transform_init", transform_init, ("xavier", "layer"))
-        self.beta_u = nn.Parameter(
-            torch.full((self.out_types,), float(require_range(f"{key}.beta_u_init", beta_u_init, -1e6, 1e6)))
-        )
-        self.beta_a = nn.Parameter(
-            torch.full((self.out_types,), float(require_range(f"{key}.beta_a_init", beta_a_init, -1e6, 1e6)))
-        )
+        self.normalisation = normalisation
+        self.batch_norm = batch_norm
+        self.pose_batch_norm = pose_batch_norm
+        self.eps = float(eps)
+        self.transform_init = transform_init
+        self.beta_u = nn.Parameter(torch.full((self.out_types,), float(beta_u_init)))
+        self.beta_a = nn.Parameter(torch.full((self.out_types,), float(beta_a_init)))
         self.bn_a = nn.BatchNorm1d(self.out_types, affine=False, eps=BN_EPS) if self.batch_norm else None
         self.bn_pose = nn.BatchNorm1d(self.out_types, affine=False, eps=BN_EPS) if self.pose_batch_norm else None
 
