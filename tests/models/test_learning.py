@@ -51,13 +51,19 @@ def test_dr_caps_learns_synthetic_above_chance(tmp_path):
 
 
 @pytest.mark.slow
-def test_em_caps_learns_synthetic_above_chance(tmp_path):
+@pytest.mark.parametrize(
+    "routing",
+    [None, {"name": "vb"}],  # EM routing (the network's default); VB routing with the release's W scale
+    ids=["em", "vb"],
+)
+def test_em_caps_learns_synthetic_above_chance(tmp_path, routing):
     L.seed_everything(0, workers=True)
     dm = SyntheticDataModule(
         num_train=512, num_val=64, num_test=256, batch_size=32, num_classes=5, image_size=20, seed=0
     )
     model = EMCapsModule(
         net=dict(in_channels=1, image_size=20, num_classes=5, A=16, B=8, C=8, D=8),
+        routing=routing,
         loss=dict(name="spread", margin_schedule=dict(schedule="linear", start=0.2, end=0.9, ramp_samples=1024)),
         optimizer=dict(name="adam", lr=3e-3, weight_decay=0.0),
         scheduler=dict(name="none"),

@@ -238,3 +238,20 @@ def test_transform_init_gives_the_layers_the_releases_xavier_scale_unless_the_ne
     assert conv({"name": "vb"}, init_std=0.2).weight.std().item() == pytest.approx(0.2, rel=0.03)
     with pytest.raises(ConfigError, match="transform_init"):
         build_routing({"name": "vb", "transform_init": "xavir"}, kind="matrix", out_types=4)
+
+
+@pytest.mark.parametrize("momentum", [0.5, 0.1])  # capsnets' default, the release's (torch's)
+def test_bn_momentum_sets_how_far_one_training_batch_moves_the_running_statistics(momentum):
+    routing = build_routing({"name": "vb", "iterations": 1, "bn_momentum": momentum}, kind="matrix", out_types=3)
+    routing = routing.double().train()
+    plain = build_routing(
+        {"name": "vb", "iterations": 1, "batch_norm": False, "pose_batch_norm": False}, kind="matrix", out_types=3
+    ).double()
+    V = torch.randn(4, 4, 9, 2, 3, 16, dtype=torch.float64) * 0.05
+    a_in = torch.rand(4, 4, 9, 2, dtype=torch.float64)
+    routing(V, a_in, CONV)
+    logits = torch.logit(plain(V, a_in, CONV).activations)  # (B, P, T_out), the logits before the batch norm
+    batch_mean, batch_var = logits.mean(dim=(0, 1)), logits.var(dim=(0, 1), unbiased=True)
+    assert torch.allclose(routing.bn_a.running_mean, momentum * batch_mean, atol=1e-10)
+    assert torch.allclose(routing.bn_a.running_var, (1 - momentum) + momentum * batch_var, atol=1e-10)
+    assert int(routing.bn_a.num_batches_tracked) == 1
