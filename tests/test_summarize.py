@@ -265,3 +265,13 @@ def test_learning_curves_mean_and_std_per_sample_count(tmp_path: Path) -> None:
     assert (sweep_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
     rows = list(csv.DictReader((sweep_dir / "curves.csv").open()))
     assert len(rows) == 6 and {r["configuration"] for r in rows} == {"model=em_caps_small", "model=dr_caps"}
+
+
+@pytest.mark.parametrize("n", [1, 10, 11, 20, 41])
+def test_every_curve_of_a_plot_has_its_own_colour_and_line_style(n):
+    from capsnets.results.curves import curve_styles
+
+    styles = curve_styles(n)
+    assert len(styles) == n and len(set(styles)) == n
+    if n <= 10:  # matplotlib's default colours, solid, as a plain plot of a few curves
+        assert all(linestyle == "-" for _, linestyle in styles)

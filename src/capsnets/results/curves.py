@@ -78,6 +78,19 @@ def write_curves(summary: Summary, out: Path) -> list[str]:
     return ["curves.md", "curves.csv", "curves.png"]
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def curve_styles(n: int) -> list[tuple[tuple[float, ...], str]]:
+    """(colour, line style) of each of ``n`` curves, no two alike: matplotlib's 10 colours for up to 10 curves, its
+    20 (tab20) for more, then the same colours dashed, dotted and dash-dotted (a comparison of 11 routing rows
+    otherwise draws the first and the eleventh alike)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
+    return [(palette[i % len(palette)], LINE_STYLES[(i // len(palette)) % len(LINE_STYLES)]) for i in range(n)]
+
+
 def plot_curves(items: Sequence[Curve], path: Path, *, title: str = "") -> None:
     import matplotlib
 
@@ -86,12 +99,12 @@ def plot_curves(items: Sequence[Curve], path: Path, *, title: str = "") -> None:
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for curve in items:
+    for curve, (color, linestyle) in zip(items, curve_styles(len(items))):
         xs = np.array(curve.samples)
         mean = np.array([100 * s.mean for s in curve.stats])
         std = np.array([100 * (s.std or 0.0) for s in curve.stats])
-        (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=curve.label)
-        ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.plot(xs, mean, marker="o", markersize=3, label=curve.label, color=color, linestyle=linestyle)
+        ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2)
     ax.set_xlabel("training samples seen")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
