@@ -122,23 +122,29 @@ def test_experiment_composes_and_instantiates(experiment):
         assert cfg.model._target_.endswith("EMCapsModule") and cfg.data.num_classes == 5
     if experiment.endswith("table1"):
         assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweeper.params
+    if experiment == "ribeiro2020_smallnorb":  # the release's VB recipe: its routing, W scale and learning rate
+        assert cfg.model.routing.name == "vb" and cfg.model.routing.transform_init == "xavier"
+        assert cfg.model.optimizer.lr == 0.001
     split = {"hinton2018_novel_azimuth": "azimuth", "hinton2018_novel_elevation": "elevation"}.get(experiment)
     if split:
         assert cfg.data.split == split
 
 
 COMPARISON_ROWS = sorted(p.stem for p in (CONFIG_DIR / "routing_comparison_row").glob("*.yaml"))
+# rows that bring more than their routing: the routing's name and the model settings they set besides
+RECIPE_ROWS = {"em_vb_release_lr": ("vb", {"optimizer": {"lr": 0.001}})}
 
 
 @pytest.mark.parametrize("row", COMPARISON_ROWS)
 def test_routing_comparison_rows_swap_only_the_routing_of_their_backbone(row):
+    backbone, routing = row.split("_", 1)
+    routing, recipe = RECIPE_ROWS.get(row, ({"em": "em"}.get(routing, routing), {}))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(
             config_name="train",
             overrides=["experiment=routing_comparison", f"+routing_comparison_row={row}"],
             return_hydra_config=True,
         )
-        backbone, routing = row.split("_", 1)
         model = {"dr": ["model=dr_caps"], "em": ["model=em_caps_small"]}.get(
             backbone,
             [
@@ -148,10 +154,14 @@ def test_routing_comparison_rows_swap_only_the_routing_of_their_backbone(row):
                 "model.net.caps_types=[16,16]",
             ],
         )
-        plain = compose(config_name="train", overrides=["experiment=routing_comparison", *model])
+        recipe_overrides = [f"model.{group}.{k}={v}" for group, settings in recipe.items() for k, v in settings.items()]
+        plain = compose(config_name="train", overrides=["experiment=routing_comparison", *model, *recipe_overrides])
+        if recipe:  # the recipe is a difference from the backbone's own settings
+            bare = compose(config_name="train", overrides=["experiment=routing_comparison", *model])
+            assert bare.model != plain.model
     assert row in str(cfg.hydra.sweeper.params["+routing_comparison_row"]).split(",")  # every row file is swept
     assert str(cfg.hydra.sweeper.params["seed"]) == "1,2,3"
-    assert cfg.model.routing.name == {"em": "em"}.get(routing, routing)
+    assert cfg.model.routing.name == routing
     assert {k: v for k, v in cfg.model.items() if k != "routing"} == {
         k: v for k, v in plain.model.items() if k != "routing"
     }
