@@ -7,13 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.capsnets-installed
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-fast lint format bench fashion-mnist clean help
+.PHONY: install train test test-fast lint format bench fashion-mnist jemalloc clean help
 
 help:
 	@echo "make train      train dr_caps on the shipped MNIST sample (offline)"
 	@echo "make test       run the whole test suite (includes slow and realdata tests)"
 	@echo "make test-fast  skip the slow end-to-end tests"
-	@echo "make bench      speed of the standard cases as same-run ratios (outputs/bench/; ~15 min on CPU)"
+	@echo "make bench      speed of the standard cases as same-run ratios (outputs/bench/; ~30 min on CPU)"
 	@echo "make lint       ruff: formatting and lint rules (pyproject.toml), as CI runs them"
 	@echo "make format     ruff: format the code and apply the safe lint fixes"
 	@echo "make install    create $(VENV) and install capsnets with its dev extras"
@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -e '.[dev]'
+	@$(MAKE) --no-print-directory jemalloc || echo "note: libjemalloc2 not installed; CPU training uses the system's malloc (slower, see README)"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -31,8 +32,9 @@ train: install
 	$(PY) train.py data=mnist_sample trainer.max_epochs=2 tags=[make_train]
 
 # the 20 slowest tests are listed at the end, so the suite's ~10 minute budget can be watched in CI logs
+# under the allocator train.py uses (jemalloc where the machine has it: capsnets/utils/allocator.py)
 test: install
-	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
+	$(PY) -m capsnets.utils.allocator $(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -56,6 +58,14 @@ format: install
 # Debian's full Fashion-MNIST (used by the realdata tests and offline data=fashion_mnist runs)
 fashion-mnist:
 	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+# jemalloc, which train.py/eval.py/bench preload when the machine has it (capsnets/utils/allocator.py): capsule
+# layers free and re-allocate tens of MB per step, and glibc's malloc faults that memory in again every step
+# (em_caps on CPU: ~3x slower). Debian/Ubuntu as root: installed here; elsewhere: conda install jemalloc, or
+# CAPSNETS_JEMALLOC=/path/to/libjemalloc.so.2.
+jemalloc:
+	@$(PY) -c "from capsnets.utils.allocator import find_jemalloc; import os, sys; sys.exit(find_jemalloc(os.environ) is None)" \
+	|| (test "$$(id -u)" = 0 && command -v apt-get >/dev/null && (apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libjemalloc2 >/dev/null)))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -3,12 +3,13 @@
 Thin shim around :func:`capsnets.eval.main`; the configs live in ``conf/``.
 """
 
-import os
+from capsnets.utils.allocator import use_fast_allocator
 
-# transparent huge pages for PyTorch's CPU allocator, read when torch loads: capsule layers allocate
-# tens-of-MB tensors every step, whose page faults otherwise cost about as much as their arithmetic
-# (scripts/bench.py measures it); export THP_MEM_ALLOC_ENABLE=0 to opt out
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# jemalloc that keeps freed pages (when the machine has it) and transparent huge pages, chosen before torch
+# loads: capsule layers allocate tens-of-MB tensors every step, whose page faults otherwise cost as much as the
+# arithmetic (em_caps: 3x); CAPSNETS_ALLOCATOR=system opts out (capsnets/utils/allocator.py)
+if __name__ == "__main__":
+    use_fast_allocator()
 
 from capsnets.eval import main  # noqa: E402
 

@@ -15,11 +15,17 @@ measured of the machine itself and of a reference:
   implementation, the readable reference procedure (``impl: reference``) timed on the same inputs, with its
   own peak memory;
 * the user's path: images/s through ``train.py`` (Lightning loop, DataModule, callbacks) on ``data=synthetic``
-  of the same shape, against the bare step (target: within 10%).
+  of the same shape, against the bare step (target: within 10%);
+* the allocator: the bench runs under the one ``train.py`` uses (``capsnets.utils.allocator``: jemalloc keeping
+  freed pages where the machine has it) and then also times the float32 step under the system's malloc.
+
+Each case's variants (default, reference, system malloc) are measured ``--repeats`` times in turn and their
+medians reported: on a shared machine one process's speed swings by 2x from one minute to the next (measured:
+dr_caps at batch 32, 32.7 then 76.5 img/s in two runs of the same child minutes apart).
 
 Results: a table on stdout and ``outputs/bench/<date>_<time>.json``. Usage::
 
-    python scripts/bench.py                       # everything (CPU: ~15 min on 2 cores)
+    python scripts/bench.py                       # everything, 3 repeats (CPU: ~30 min on 2 cores)
     python scripts/bench.py --cases em_caps_small --steps 3
     python scripts/bench.py --device cuda --batch 64
     python scripts/bench.py --routings            # each routing vs its backbone's own (experiment=routing_comparison)
@@ -180,6 +186,7 @@ def measure_case(case: Case, *, impl: str | None, precision: str, device: str, s
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmark_em import capture_routing_inputs, routing_step
+    from capsnets.utils.allocator import loaded_allocator
 
     baseline = rss_mb()
     torch.manual_seed(0)
@@ -234,6 +241,7 @@ def measure_case(case: Case, *, impl: str | None, precision: str, device: str, s
         "forward_gflop_per_image": forward_flops / batch / 1e9,
         "peak_memory_mb": peak,
         "baseline_rss_mb": baseline if device == "cpu" else 0.0,
+        "allocator": loaded_allocator(),
     }
 
 
@@ -283,11 +291,31 @@ def run_child(args: argparse.Namespace) -> None:
     print("BENCH-RESULT " + json.dumps(result), flush=True)
 
 
-def in_child(args: argparse.Namespace, case: Case, *, impl: str | None, precision: str) -> dict | None:
+def system_malloc_env() -> dict[str, str]:
+    """This environment without the preloaded jemalloc: a child started with it runs on the system's malloc."""
+    from capsnets.utils.allocator import MODE_ENV, without_allocator
+
+    return {**without_allocator(os.environ), MODE_ENV: "system"}
+
+
+def median_result(results: list[dict]) -> dict:
+    """One child's result with every number the median over ``results`` (repeats of the same measurement)."""
+    merged = dict(results[0])
+    for key, value in merged.items():
+        if isinstance(value, float):
+            merged[key] = statistics.median(r[key] for r in results)
+    merged["repeats"] = len(results)
+    return merged
+
+
+def in_child(
+    args: argparse.Namespace, case: Case, *, impl: str | None, precision: str, system_malloc: bool = False
+) -> dict | None:
     cmd = [sys.executable, __file__, "--child", case.name, "--precision", precision, "--device", args.device]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--impl", impl] if impl else [])
     cmd += ["--batch", str(case.batch)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+    env = system_malloc_env() if system_malloc else os.environ.copy()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH-RESULT "):
             return json.loads(line[len("BENCH-RESULT ") :])
@@ -298,20 +326,24 @@ def in_child(args: argparse.Namespace, case: Case, *, impl: str | None, precisio
 # --------------------------------------------------------------------------- the report
 def table(report: dict) -> str:
     machine = report["machine"]
+    repeats = report.get("repeats", 1)
     lines = [
         f"capsnets bench, {report['time']}: {report['device_name']} ({report['device']}, {report['threads']} threads"
-        f"{', THP on' if report['thp'] else ''})",
+        f"{', THP on' if report['thp'] else ''}, allocator: {report.get('allocator', 'system')}"
+        f"{f', medians of {repeats} repeats' if repeats > 1 else ''})",
         f"machine: float32 matmul {machine['matmul_float32_gflops']:.0f} GFLOP/s, bf16 "
         f"{machine['matmul_bf16_gflops']:.0f} GFLOP/s, memory {machine['memory_gb_per_s']:.1f} GB/s",
         "",
         "| case | precision | train img/s | infer img/s | routing share | train GFLOP/s (% of matmul ceiling) "
-        "| peak MB | reference img/s | speed-up vs reference | memory vs reference | train.py img/s (vs bare) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak MB | reference img/s | speed-up vs reference | memory vs reference | train.py img/s (vs bare) "
+        "| system malloc img/s (jemalloc's gain) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         ceiling = machine[f"matmul_{'bf16' if row['precision'] == 'bf16' else 'float32'}_gflops"]
         ref = row.get("reference")
         user = row.get("user_path_images_per_s")
+        system = row.get("system_malloc_images_per_s")
         lines.append(
             f"| {row['case']} | {row['precision']} | {row['train_images_per_s']:.1f} | "
             f"{row['inference_images_per_s']:.1f} | {100 * row['routing_share']:.0f}% | "
@@ -323,6 +355,7 @@ def table(report: dict) -> str:
                 else "- | - | - | "
             )
             + (f"{user:.1f} ({100 * user / row['train_images_per_s']:.0f}%) |" if user else "- |")
+            + (f" {system:.1f} ({row['train_images_per_s'] / system:.2f}x) |" if system else " - |")
         )
     return "\n".join(lines)
 
@@ -357,7 +390,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=None, help="every case at this batch size (default: its own)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="measure each case's variants (default, reference, system malloc) this many times in turn and take "
+        "the medians: on a shared machine the speed of one process can swing 2x from one minute to the next",
+    )
     parser.add_argument("--no-user-path", action="store_true", help="skip the train.py figures")
+    parser.add_argument(
+        "--no-system-malloc",
+        action="store_true",
+        help="skip the float32 training figure under the system's malloc (measured when jemalloc is in use)",
+    )
     parser.add_argument(
         "--routings",
         action="store_true",
@@ -372,10 +417,10 @@ def main() -> None:
     if args.child:
         run_child(args)
         return
-
     import torch
 
     from capsnets.nn.routing import ROUTINGS
+    from capsnets.utils.allocator import loaded_allocator
 
     pool = ROUTING_CASES if args.routings else CASES
     cases = [with_batch(c, args.batch) for c in pool if not args.cases or c.name in args.cases or c.model in args.cases]
@@ -390,17 +435,34 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "batch_override": args.batch,
         "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "allocator": loaded_allocator(),
         "torch": torch.__version__,
         "machine": probe_machine(args.device),
         "rows": [],
     }
+    report["repeats"] = args.repeats
     for case in cases:
         for precision in precisions:
-            row = in_child(args, case, impl=None, precision=precision)
-            if row is None:
-                continue
+            # the variants of this case, each measured args.repeats times in turn (A B C A B C ...), medians
+            variants = {"default": dict(impl=None)}
             if case.model.startswith("em_") and faster_impls and not args.routings:
-                row["reference"] = in_child(args, case, impl="reference", precision=precision)
+                variants["reference"] = dict(impl="reference")
+            if precision == "fp32" and report["allocator"] == "jemalloc" and not args.no_system_malloc:
+                variants["system"] = dict(impl=None, system_malloc=True)
+            runs: dict[str, list[dict]] = {name: [] for name in variants}
+            for _ in range(args.repeats):
+                for name, kwargs in variants.items():
+                    result = in_child(args, case, precision=precision, **kwargs)
+                    if result is not None:
+                        runs[name].append(result)
+            if not runs["default"]:
+                continue
+            row = median_result(runs["default"])
+            if runs.get("reference"):
+                row["reference"] = median_result(runs["reference"])
+            system = median_result(runs["system"]) if runs.get("system") else None
+            if system is not None and system["allocator"] == "system":
+                row["system_malloc_images_per_s"] = system["train_images_per_s"]
             if precision == "fp32" and not args.no_user_path and not args.routings:
                 row["user_path_images_per_s"] = user_path(case, device=args.device, steps=max(args.steps, 8))
             report["rows"].append(row)
@@ -415,7 +477,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # transparent huge pages for PyTorch's CPU allocator (read when torch loads): vote-sized tensors are
-    # tens of MB, and without them page faults cost as much as the arithmetic (train.py sets the same)
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # the allocator train.py uses (jemalloc keeping freed pages where the machine has it, THP), chosen before
+    # torch loads; CAPSNETS_ALLOCATOR=system measures the system's malloc (capsnets/utils/allocator.py)
+    from capsnets.utils.allocator import use_fast_allocator
+
+    use_fast_allocator()
     main()

@@ -13,6 +13,7 @@ import torch
 from capsnets.data import write_norb
 from capsnets.data.idx import write_idx
 from capsnets.nn import ClassCapsules, ConvCapsules, build_routing
+from capsnets.utils.allocator import without_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,8 +87,9 @@ def final_assignments(layer, *args):
 
 def hermetic_env(**extra: str) -> dict[str, str]:
     """The environment of a CLI test: no W&B credentials or mode from the developer's shell (so runs
-    go offline under the test's tmp dir, never online), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    go offline under the test's tmp dir, never online), and none of the allocator set-up ``make test`` ran
+    pytest under (so ``train.py`` chooses its allocator itself, as from a user's shell), plus ``extra``."""
+    env = {k: v for k, v in without_allocator(os.environ).items() if not k.startswith("WANDB_")}
     env.update({"NETRC": os.devnull, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "COLUMNS": "200"})
     env.update(extra)
     return env

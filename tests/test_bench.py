@@ -5,7 +5,9 @@ report promises is there, measured, and consistent with the others."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ import torch
 from capsnets.callbacks import Throughput
 from capsnets.data import SyntheticDataModule
 from capsnets.errors import ConfigError
+from capsnets.utils.allocator import find_jemalloc
 
 from helpers import ROOT, quiet_trainer
 
@@ -52,7 +55,7 @@ def test_throughput_skip_must_be_positive():
 def test_bench_reports_every_figure_of_a_case(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--cases", "dr_caps_b32", "em_caps_small_norb_b32"]
-        + ["--steps", "1", "--warmup", "0", "--batch", "4", "--no-bf16", "--out", str(tmp_path)],
+        + ["--steps", "1", "--warmup", "0", "--batch", "4", "--no-bf16", "--repeats", "1", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -71,6 +74,11 @@ def test_bench_reports_every_figure_of_a_case(tmp_path):
         assert row["precision"] == "fp32" and row["train_images_per_s"] > 0 and row["inference_images_per_s"] > 0
         assert row["routing_share"] > 0 and row["peak_memory_mb"] > row["baseline_rss_mb"] > 0
         assert row["user_path_images_per_s"] > 0  # through train.py
+    # the bench runs under train.py's allocator, and under jemalloc also times the system's malloc
+    allocator = "jemalloc" if find_jemalloc(os.environ) else "system"
+    assert report["allocator"] == allocator and {row["allocator"] for row in rows.values()} == {allocator}
+    for row in rows.values():
+        assert (row.get("system_malloc_images_per_s", 0) > 0) == (allocator == "jemalloc")
     # dr_caps: ~0.2 G multiply-adds per MNIST image forward (0.4 GFLOP; training ~1.2 GFLOP = 6 x MACs)
     assert 0.3 < rows["dr_caps_b32"]["forward_gflop_per_image"] < 0.5
     # the EM case is timed against the readable reference procedure on the same inputs
@@ -78,6 +86,7 @@ def test_bench_reports_every_figure_of_a_case(tmp_path):
     assert reference["impl"] == "reference" and reference["train_images_per_s"] > 0
     table = (tmp_path / report_path.name.replace(".json", ".md")).read_text()
     assert "speed-up vs reference" in table and "em_caps_small_norb_b32" in table
+    assert f"allocator: {allocator}" in table
 
 
 @pytest.mark.slow
@@ -85,7 +94,7 @@ def test_bench_routings_times_each_routing_against_its_backbones_own(tmp_path):
     cases = ["dr_caps+dynamic", "dr_caps+self_attention", "ida_caps+inverted_dot_product", "ida_caps+random"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--routings", "--cases", *cases]
-        + ["--steps", "1", "--warmup", "0", "--batch", "4", "--out", str(tmp_path)],
+        + ["--steps", "1", "--warmup", "0", "--batch", "4", "--repeats", "1", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -98,3 +107,23 @@ def test_bench_routings_times_each_routing_against_its_backbones_own(tmp_path):
     assert all(row["train_images_per_s"] > 0 and "reference" not in row for row in rows.values())
     table = (tmp_path / report_path.name.replace(".json", ".md")).read_text()
     assert "| dr_caps | dynamic |" in table and "| 1.00x |" in table and "| ida_caps | random |" in table
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("capsnets_bench_script", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repeated_measurements_are_merged_into_medians_of_every_figure():
+    bench = load_bench()
+    runs = [
+        {"case": "c", "impl": "default", "train_images_per_s": rate, "peak_memory_mb": peak, "routing_layers_timed": 3}
+        for rate, peak in [(30.0, 900.0), (80.0, 1000.0), (75.0, 950.0)]
+    ]
+    merged = bench.median_result(runs)
+    assert merged["train_images_per_s"] == 75.0 and merged["peak_memory_mb"] == 950.0  # a 2x outlier is outvoted
+    assert merged["case"] == "c" and merged["routing_layers_timed"] == 3 and merged["repeats"] == 3
+    assert runs[0]["train_images_per_s"] == 30.0  # the inputs are left as they were

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+
+from capsnets.utils.allocator import find_jemalloc
 
 from helpers import SMALL_DR_CAPS, write_tiny_mnist
 
@@ -45,6 +48,8 @@ def test_train_eval_resume_on_synthetic(cli, tmp_path):
     best = next((run1 / "checkpoints").glob("epoch_*.ckpt"))
     assert last.is_file()
     assert "Best checkpoint" in proc.stdout and str(run1) in proc.stdout
+    # train.py re-executed itself with jemalloc where the machine has it (capsnets/utils/allocator.py)
+    assert f"CPU memory allocator: {'jemalloc' if find_jemalloc(os.environ) else 'system'}" in proc.stdout
     test_acc = last_metric(run1, "test/acc")
 
     # the checkpoint is plain data: PyTorch's default weights_only=True reads it

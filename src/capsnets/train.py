@@ -27,6 +27,7 @@ from capsnets.config_checks import check_config, runtime_choices
 from capsnets.errors import ConfigError, exit_on_error
 from capsnets.registry import resolve
 from capsnets.results.record import metric_value, scalar_metrics, write_record
+from capsnets.utils.allocator import loaded_allocator
 from capsnets.utils.checkpoint_io import remove_stale_partials
 from capsnets.utils.instantiate import (
     check_ckpt_path,
@@ -49,6 +50,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train (and test) as configured; returns every scalar metric logged."""
     check_config(cfg, choices=runtime_choices(cfg), config_dir=CONFIG_DIR)
     check_model_config(cfg.model)
+    log.info("CPU memory allocator: %s (capsnets/utils/allocator.py)", loaded_allocator())
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
     ckpt_path = check_ckpt_path(cfg.get("ckpt_path"))
