@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.capsnets-installed
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): 2 fills a 2-core machine (the suite: ~15 min in one process, ~10.5 min in two)
+TEST_WORKERS ?= 2
 
 .PHONY: install train test test-fast lint format bench fashion-mnist jemalloc clean help
 
@@ -34,10 +36,10 @@ train: install
 # the 20 slowest tests are listed at the end, so the suite's ~10 minute budget can be watched in CI logs
 # under the allocator train.py uses (jemalloc where the machine has it: capsnets/utils/allocator.py)
 test: install
-	$(PY) -m capsnets.utils.allocator $(PY) -m pytest --durations=20 $(PYTEST_ARGS)
+	$(PY) -m capsnets.utils.allocator $(PY) -m pytest -n $(TEST_WORKERS) --durations=20 $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m capsnets.utils.allocator $(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 # Speed of the standard cases against the machine's own ceilings and the reference procedure, measured in one
 # run (scripts/bench.py; BENCH_ARGS e.g. "--cases em_caps_small --steps 3" or "--device cuda")
