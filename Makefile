@@ -63,7 +63,7 @@ fashion-mnist:
 
 # jemalloc, which train.py/eval.py/bench preload when the machine has it (capsnets/utils/allocator.py): capsule
 # layers free and re-allocate tens of MB per step, and glibc's malloc faults that memory in again every step
-# (em_caps on CPU: ~3x slower). Debian/Ubuntu as root: installed here; elsewhere: conda install jemalloc, or
+# (make bench: 1.3-1.5x slower training). Debian/Ubuntu as root: installed here; elsewhere: conda install jemalloc, or
 # CAPSNETS_JEMALLOC=/path/to/libjemalloc.so.2.
 jemalloc:
 	@$(PY) -c "from capsnets.utils.allocator import find_jemalloc; import os, sys; sys.exit(find_jemalloc(os.environ) is None)" \

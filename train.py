@@ -7,7 +7,7 @@ from capsnets.utils.allocator import use_fast_allocator
 
 # jemalloc that keeps freed pages (when the machine has it) and transparent huge pages, chosen before torch
 # loads: capsule layers allocate tens-of-MB tensors every step, whose page faults otherwise cost as much as the
-# arithmetic (em_caps: 3x); CAPSNETS_ALLOCATOR=system opts out (capsnets/utils/allocator.py)
+# arithmetic (make bench: 1.3-1.5x training speed); CAPSNETS_ALLOCATOR=system opts out (capsnets/utils/allocator.py)
 if __name__ == "__main__":
     use_fast_allocator()
 
