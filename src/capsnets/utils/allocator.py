@@ -14,7 +14,8 @@ reports which allocator its figures ran under):
 * jemalloc with its default decay (pages returned after 10 s): 1.57 s for em_caps_small, worse than glibc.
 
 ``make bench`` (medians of 3 repeats, each case under both allocators in one run): 1.26-1.47x the training
-speed on every case (em_caps 10.6 -> 15.5 img/s), at a higher peak RSS for em_caps (7.9 GB; 5.7 GB in an earlier glibc run).
+speed on every case (em_caps 10.6 -> 15.5 img/s), at a higher peak RSS for em_caps (7.9 GB; 5.7 GB in an
+earlier glibc run).
 
 A process can only choose its allocator when it starts (``LD_PRELOAD``), so ``train.py``, ``eval.py`` and
 ``scripts/bench.py`` call :func:`use_fast_allocator` before anything imports torch (``make test`` runs
