@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.capsnets-installed
 PYTEST_ARGS ?=
-# test processes (pytest-xdist): 2 fills a 2-core machine (the suite: ~15 min in one process, ~10.5 min in two)
+# test processes (pytest-xdist): 2 fills a 2-core machine (the suite: ~15 min in one process, ~11 min in two)
 TEST_WORKERS ?= 2
 
 .PHONY: install train test test-fast lint format bench fashion-mnist jemalloc clean help

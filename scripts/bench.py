@@ -434,13 +434,13 @@ def main() -> None:
         "device_name": device_name(args.device),
         "threads": torch.get_num_threads(),
         "batch_override": args.batch,
+        "repeats": args.repeats,
         "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
         "allocator": loaded_allocator(),
         "torch": torch.__version__,
         "machine": probe_machine(args.device),
         "rows": [],
     }
-    report["repeats"] = args.repeats
     for case in cases:
         for precision in precisions:
             # the variants of this case, each measured args.repeats times in turn (A B C A B C ...), medians

@@ -138,7 +138,7 @@ RECIPE_ROWS = {"em_vb_release_lr": ("vb", {"optimizer": {"lr": 0.001}})}
 @pytest.mark.parametrize("row", COMPARISON_ROWS)
 def test_routing_comparison_rows_swap_only_the_routing_of_their_backbone(row):
     backbone, routing = row.split("_", 1)
-    routing, recipe = RECIPE_ROWS.get(row, ({"em": "em"}.get(routing, routing), {}))
+    routing, recipe = RECIPE_ROWS.get(row, (routing, {}))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(
             config_name="train",

@@ -133,28 +133,26 @@ def loaded_allocator() -> str:
     return "jemalloc" if "jemalloc" in maps else "system"
 
 
-def use_fast_allocator(environ: MutableMapping[str, str] = os.environ) -> None:
+def use_fast_allocator(command: list[str] | None = None, environ: MutableMapping[str, str] = os.environ) -> None:
     """Call before torch is imported: sets THP_MEM_ALLOC_ENABLE and re-executes this command line once with
     jemalloc preloaded (see the module docstring); returns in the re-executed process, or where nothing is
-    to be done."""
+    to be done. With ``command``, executes that command instead, under the same allocator, and never returns."""
     environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     env = allocator_env(environ)
-    if env is None:
-        return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), env)
+    if command is not None:
+        os.execvpe(command[0], command, env or dict(environ))
+    if env is not None:
+        os.execve(sys.executable, list(sys.orig_argv), env)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
     """``python -m capsnets.utils.allocator COMMAND [ARGS...]``: run a command under the allocator ``train.py``
     uses (``make test`` runs pytest so, whose in-process tests then allocate as training does)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
+    if len(sys.argv) < 2:
         sys.exit("usage: python -m capsnets.utils.allocator COMMAND [ARGS...]")
-    environ = dict(os.environ)
-    environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    os.execvpe(argv[0], argv, allocator_env(environ) or environ)
+    use_fast_allocator(sys.argv[1:])
 
 
 if __name__ == "__main__":
