@@ -49,6 +49,21 @@ def test_points_at_start_every_n_samples_and_at_the_end_scored_like_trainer_test
     assert curve.curve[-1]["acc"] == pytest.approx(tested)  # the same weights, the same scoring
 
 
+def test_max_samples_scores_the_same_first_samples_of_the_split_at_every_point(tmp_path):
+    dm, model = build("data.batch_size=16")
+    curve = LearningCurve(every_samples=48, max_samples=20)  # 20 = one batch of 16 and 4 of the next
+    trainer = fit(tmp_path, dm, model, curve, epochs=1)
+    xs, ys = zip(*(dm.eval_batch(b) for b in dm.test_dataloader()), strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    model.eval()
+    with torch.no_grad():
+        right = (model.scores(x).argmax(dim=-1) == y).float()
+    assert len(y) == 48
+    assert curve.curve[-1]["acc"] == pytest.approx(right[:20].mean().item())
+    assert LearningCurve(max_samples=5).accuracy(trainer, model) == pytest.approx(right[:5].mean().item())
+    assert LearningCurve().accuracy(trainer, model) == pytest.approx(right.mean().item())  # null: the whole split
+
+
 def test_state_round_trip_continues_the_curve():
     curve = LearningCurve(every_samples=100)
     curve.curve, curve._next = [{"samples": 0, "acc": 0.1}, {"samples": 100, "acc": 0.5}], 200
@@ -76,7 +91,10 @@ def test_testing_an_earlier_checkpoint_keeps_the_whole_curve(tmp_path):
     assert fresh.curve == early
 
 
-@pytest.mark.parametrize("kwargs, key", [({"every_samples": 0}, "every_samples"), ({"split": "train"}, "split")])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [({"every_samples": 0}, "every_samples"), ({"split": "train"}, "split"), ({"max_samples": 0}, "max_samples")],
+)
 def test_bad_values_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=f"callbacks.learning_curve.{key}"):
         LearningCurve(**kwargs)
