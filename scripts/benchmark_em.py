@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from capsnets.nets import EMCapsNet
-from capsnets.nn.routing import ROUTINGS, Routing, RoutingResult, routing_layers
+from capsnets.nn.routing import ROUTINGS, Routing, RoutingResult, VoteFactors, routing_layers
 
 MODELS = {"em_caps": dict(A=32, B=32, C=32, D=32), "em_caps_small": dict(A=64, B=8, C=16, D=16)}
 
@@ -101,13 +101,20 @@ def routing_step(routing: Routing, args: tuple) -> Callable[[], RoutingResult]:
     V, *rest = args
     a_in = rest[0] if rest else None  # None: a routing without child activations (dynamic routing)
     layout = rest[1] if len(rest) > 1 else None
-    V = V.detach().clone().requires_grad_(True)  # keeps V's strides
-    a_in = a_in.detach().clone().requires_grad_(True) if a_in is not None else None
+
+    def leaf(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.detach().clone().requires_grad_(True)  # clone keeps the strides
+
+    # the votes, or their factors (a matrix-capsule layer's VoteFactors: the pose, weight and offset get gradients)
+    V = VoteFactors(*(leaf(x) for x in (V.pose, V.weight, V.offset))) if isinstance(V, VoteFactors) else leaf(V)
+    a_in = leaf(a_in)
+    leaves = [
+        x for x in (*((V.pose, V.weight, V.offset) if isinstance(V, VoteFactors) else (V,)), a_in) if x is not None
+    ]
 
     def step() -> RoutingResult:
-        V.grad = None
-        if a_in is not None:
-            a_in.grad = None
+        for x in leaves:
+            x.grad = None
         out = routing(V, a_in, layout)
         (out.poses.float().sin().sum() + out.activations.float().sum()).backward()
         return out

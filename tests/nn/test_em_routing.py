@@ -12,7 +12,7 @@ import torch
 
 from capsnets.errors import ConfigError
 from capsnets.nn.conv_caps import conv_child_index
-from capsnets.nn.routing import ChildLayout, inverse_temperatures
+from capsnets.nn.routing import ChildLayout, VoteFactors, em_fused, inverse_temperatures
 from capsnets.nn.routing.em import EMVariant
 from capsnets.nn.routing.em import em_routing as reference_em_routing
 from capsnets.nn.routing.em_fused import fused_em_routing
@@ -372,9 +372,17 @@ def as_double(inputs: dict) -> dict:
     return {key: x.double() if torch.is_tensor(x) and x.is_floating_point() else x for key, x in inputs.items()}
 
 
+# the fused routing's vote-sized work runs in blocks of em_fused.CHUNK_ELEMENTS elements: the default (one block
+# for these sizes), one parent / one position per block, and blocks that split the parents of one image unevenly
+CHUNKS = [None, 1, 5000]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("normalisation", ["covering", "type", "patch"])
 @pytest.mark.parametrize("conv", [True, False])
-def test_fused_equals_reference_values_and_gradients(conv, normalisation):
+def test_fused_equals_reference_values_and_gradients(conv, normalisation, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(em_fused, "CHUNK_ELEMENTS", chunk)
     inputs = as_double(routing_inputs("randn", conv=conv))
     V, a_in = inputs.pop("V").requires_grad_(True), inputs.pop("a_in").requires_grad_(True)
     beta_u, beta_a = inputs.pop("beta_u").requires_grad_(True), inputs.pop("beta_a").requires_grad_(True)
@@ -503,6 +511,47 @@ def test_vote_layout_does_not_change_the_result():
     assert not strided.is_contiguous()
     a, b = fused_em_routing(V, **inputs), fused_em_routing(strided, **inputs)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("conv", [True, False])
+@pytest.mark.parametrize("offset", [False, True])
+def test_votes_by_their_factors_equal_the_votes_tensor_in_values_and_gradients(conv, offset, chunk, monkeypatch):
+    # fused EM forms the votes itself, block by block, from a layer's VoteFactors; the routing of the factors must
+    # equal the routing of the votes they make, and the gradients reach the pose, the weight and the offset
+    if chunk is not None:
+        monkeypatch.setattr(em_fused, "CHUNK_ELEMENTS", chunk)
+    inputs = as_double(routing_inputs("randn", conv=conv))
+    b, p, k, t_in, t_out, d = inputs.pop("V").shape
+    torch.manual_seed(1)
+    pose = torch.randn(b, p, k, t_in, d, dtype=torch.float64, requires_grad=True)
+    weight = (0.5 * torch.randn(k, t_in, t_out, d, d, dtype=torch.float64)).requires_grad_(True)
+    shift = torch.randn(k, d, dtype=torch.float64, requires_grad=True) if offset else None
+    a_in = inputs.pop("a_in").requires_grad_(True)
+    factors = VoteFactors(pose, weight, shift)
+    leaves = [x for x in (pose, weight, shift, a_in) if x is not None]
+    results = []
+    for V in (factors.materialise(), factors):
+        out = fused_em_routing(V, a_in, moment_dtype=torch.float64, **inputs)
+        loss = sum((torch.cos(3 * x) * (i + 1)).sum() for i, x in enumerate(out))
+        results.append((out, torch.autograd.grad(loss, leaves)))
+    (ref, ref_grads), (got, got_grads) = results
+    for x, y in zip(ref, got):
+        assert torch.allclose(x, y, atol=1e-10, rtol=1e-9)
+    for x, y in zip(ref_grads, got_grads):
+        assert x.abs().max() > 0 and torch.allclose(x, y, atol=1e-9, rtol=1e-7)
+
+
+def test_a_routing_without_vote_factors_receives_the_votes_tensor():
+    # the seam forms the votes for every procedure that does not form them itself (here the reference EM routing)
+    layer = em(4, impl="reference", lambda_schedule="fixed", lambda_value=0.05).double()
+    assert not layer.takes_vote_factors and em(4).takes_vote_factors  # fused EM is the default
+    seen = []
+    layer.route = lambda votes, *args: seen.append(votes) or type(layer).route(layer, votes, *args)
+    factors = VoteFactors(torch.randn(2, 1, 6, 3, 16), torch.randn(6, 3, 4, 16, 16), torch.randn(6, 16))
+    out = layer(factors, torch.rand(2, 1, 6, 3, dtype=torch.float64))
+    assert torch.is_tensor(seen[0]) and torch.equal(seen[0], factors.materialise())
+    assert out.poses.shape == (2, 1, 4, 16)
 
 
 @pytest.mark.parametrize("route", [reference_em_routing, fused_em_routing], ids=IMPLS)

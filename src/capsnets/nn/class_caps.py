@@ -17,11 +17,11 @@ from capsnets.nn.matrix_caps import (
     MATRIX_SIDE,
     POSE_SIZE,
     PoseKind,
-    capsule_votes,
     check_capsules,
     init_transforms,
+    vote_weight,
 )
-from capsnets.nn.routing import Routing
+from capsnets.nn.routing import Routing, VoteFactors
 from capsnets.schema import PositiveFloat, PositiveInt, checked
 
 # vote elements that receive (row, col): the first two entries of the right-hand column of the
@@ -95,16 +95,23 @@ class ClassCapsules(nn.Module):
         )  # W_ij per (in type, class)
         self.routing = routing
 
+    def vote_factors(self, pose: torch.Tensor) -> VoteFactors:
+        """The votes (B, 1, H*W, T_in, K, 16) of poses (B, H, W, T_in, 16) by their factors: one patch whose slots are
+        the H*W positions, ``W`` shared by them, and the scaled coordinates as each slot's offset if switched on."""
+        b, h, w, t_in, _ = pose.shape
+        M = pose.reshape(b, 1, h * w, t_in, POSE_SIZE)  # one parent position, every grid position a slot
+        W = vote_weight(self.weight.to(pose.dtype), pose_kind=self.pose)  # (T_in, K, 16, 16)
+        W = W.expand(h * w, *W.shape)  # shared over the H*W slots: (H*W, T_in, K, 16, 16), a view
+        offset = None
+        if self.coordinate_addition:
+            offset = self.coordinate_scale * coordinate_offsets(
+                h, w, pose=self.pose, device=pose.device, dtype=pose.dtype
+            )
+        return VoteFactors(M, W, offset)
+
     def votes(self, pose: torch.Tensor) -> torch.Tensor:
         """Votes (B, H*W, T_in, K, 16) of poses (B, H, W, T_in, 16), with coordinates if switched on."""
-        b, h, w, t_in, _ = pose.shape
-        M = pose.reshape(b, h * w, 1, t_in, POSE_SIZE)  # every position a patch of one slot: (B, H*W, 1, T_in, 16)
-        W = self.weight.to(pose.dtype).unsqueeze(0)  # (1, T_in, K, s, s)
-        V = capsule_votes(M, W, pose_kind=self.pose).squeeze(2)  # (B, H*W, T_in, K, 16)
-        if self.coordinate_addition:
-            offsets = coordinate_offsets(h, w, pose=self.pose, device=V.device, dtype=V.dtype)  # (H*W, 16)
-            V = V + self.coordinate_scale * offsets[None, :, None, None, :]
-        return V
+        return self.vote_factors(pose).materialise().squeeze(1)
 
     def forward(self, pose: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Poses (B, H, W, T_in, 16), activations (B, H, W, T_in) -> class poses (B, K, 16), activations (B, K)."""
@@ -112,7 +119,7 @@ class ClassCapsules(nn.Module):
         b, h, w, t_in, _ = pose.shape
         with torch.autocast(device_type=pose.device.type, enabled=False):  # votes and routing in float32
             dtype = torch.promote_types(torch.promote_types(pose.dtype, self.weight.dtype), torch.float32)
-            V = self.votes(pose.to(dtype)).unsqueeze(1)  # one parent position: (B, 1, H*W, T_in, K, 16)
+            V = self.vote_factors(pose.to(dtype))  # one parent position: (B, 1, H*W, T_in, K, 16)
             a_in = a.to(dtype).reshape(b, 1, h * w, t_in)  # (B, 1, H*W, T_in)
             result = self.routing(V, a_in)  # every slot its own child, normalised over the K classes
         return result.poses.squeeze(1), result.activations.squeeze(1)  # (B, K, 16), (B, K)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from capsnets.errors import ConfigError
-from capsnets.nn.matrix_caps import POSE_SIZE, PoseKind, capsule_votes, check_capsules, init_transforms
-from capsnets.nn.routing import ChildLayout, Routing
+from capsnets.nn.matrix_caps import POSE_SIZE, PoseKind, check_capsules, init_transforms, vote_weight
+from capsnets.nn.routing import ChildLayout, Routing, VoteFactors
 from capsnets.schema import PositiveFloat, PositiveInt, checked
 
 
@@ -101,7 +101,8 @@ class ConvCapsules(nn.Module):
             M = pose.to(dtype).reshape(b, h * w, t_in, POSE_SIZE).index_select(1, child_index)
             M = M.view(b, h_out * w_out, kk, t_in, POSE_SIZE)
             a_in = a.to(dtype).reshape(b, h * w, t_in).index_select(1, child_index).view(b, h_out * w_out, kk, t_in)
-            V = capsule_votes(M, self.weight.to(dtype), pose_kind=self.pose)  # (B, P, K*K, T_in, T_out, 16)
+            # the votes (B, P, K*K, T_in, T_out, 16) by their factors: formed by the routing (fused EM: block by block)
+            V = VoteFactors(M, vote_weight(self.weight.to(dtype), pose_kind=self.pose))
             result = self.routing(V, a_in, ChildLayout(child_index, h * w))
         mu = result.poses.view(
             b, h_out, w_out, self.out_types, POSE_SIZE

@@ -32,6 +32,16 @@ def init_transforms(*leading: int, pose: str, init_std: float | None = None) -> 
     return torch.randn(*leading, side, side) * std
 
 
+def vote_weight(W: torch.Tensor, *, pose_kind: str = "matrix") -> torch.Tensor:
+    """The (..., 16, 16) vector transform of the votes: ``W`` itself for vector poses; for matrix poses
+    ``kron(I_4, W)``, since row-major ``vec(M W) = vec(M) kron(I_4, W)`` (the einsum of the votes then keeps each
+    vote's 16 elements together; ``M W`` itself would interleave them with T_out)."""
+    if pose_kind != "matrix":
+        return W
+    eye = torch.eye(MATRIX_SIDE, dtype=W.dtype, device=W.device)
+    return torch.einsum("ab,...cd->...acbd", eye, W).reshape(*W.shape[:-2], POSE_SIZE, POSE_SIZE)
+
+
 def capsule_votes(pose: torch.Tensor, W: torch.Tensor, *, pose_kind: str = "matrix") -> torch.Tensor:
     """Votes ``V_ij = M_i W_ij`` of every child type i for every parent type j (paper Sec. 2).
 
@@ -45,15 +55,8 @@ def capsule_votes(pose: torch.Tensor, W: torch.Tensor, *, pose_kind: str = "matr
         votes (B, N, K, T_in, T_out, 16), each flattened row-major: a strided view whose 16
         elements are contiguous (EM routing reads it in any layout, without a copy).
     """
-    if pose_kind == "matrix":
-        # row-major vec(M W) = vec(M) kron(I_4, W): a 16x16 vector transform whose einsum keeps
-        # each vote's 16 elements together (M W itself would interleave them with T_out)
-        eye = torch.eye(MATRIX_SIDE, dtype=W.dtype, device=W.device)
-        W = torch.einsum("ab,kijcd->kijacbd", eye, W).reshape(
-            *W.shape[:-2], POSE_SIZE, POSE_SIZE
-        )  # (K, T_in, T_out, 16, 16)
     # einsum batches over (k, i) and never materialises the poses broadcast over T_out
-    return torch.einsum("bnkic,kijcd->bnkijd", pose, W)  # (B, N, K, T_in, T_out, 16)
+    return torch.einsum("bnkic,kijcd->bnkijd", pose, vote_weight(W, pose_kind=pose_kind))  # (B, N, K, T_in, T_out, 16)
 
 
 def check_capsules(pose: torch.Tensor, a: torch.Tensor, *, types: int, layer: str) -> None:

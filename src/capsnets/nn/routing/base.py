@@ -10,6 +10,11 @@ by patch, and the children's activations:
                                        is their length, already in the votes)
     layout ChildLayout                 which child sits in each (p, k) slot (see ``layout.py``)
 
+A matrix-capsule layer may hand over ``votes`` as :class:`VoteFactors` (the child poses and the
+transformation matrices whose product the votes are): a procedure that forms its votes block by
+block (``takes_vote_factors``: fused EM routing) then never holds them all in memory; every other
+procedure receives the votes tensor, formed by the seam.
+
 A fully connected layer is P = 1 patch whose K slots are all the children (DigitCaps: K = 1152
 primary capsules, T_in = 1; class capsules: K = H*W positions, T_in types); a convolutional
 layer has one patch per output position and K = kernel offsets.
@@ -58,6 +63,44 @@ def routing_key(routing: Routing, settings: Mapping[str, Any]) -> str:
     return settings.get("key", "model.routing")
 
 
+@dataclass(frozen=True)
+class VoteFactors:
+    """Votes given by their factors, ``V[b, p, k, i, j] = pose[b, p, k, i] @ weight[k, i, j] + offset[k]``.
+
+    pose (B, P, K, T_in, C), weight (K, T_in, T_out, C, D), offset (K, D) or None (class capsules' coordinate
+    addition: one offset per slot, i.e. per child position). ``materialise()`` is the votes tensor
+    (B, P, K, T_in, T_out, D), in the layout ``torch.einsum`` gives it (each vote's D elements contiguous).
+    """
+
+    pose: torch.Tensor
+    weight: torch.Tensor
+    offset: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        b, p, k, t_in, _ = self.pose.shape
+        return torch.Size((b, p, k, t_in, self.weight.shape[2], self.weight.shape[4]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pose.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pose.device
+
+    def to(self, dtype: torch.dtype) -> VoteFactors:
+        offset = None if self.offset is None else self.offset.to(dtype)
+        return VoteFactors(self.pose.to(dtype), self.weight.to(dtype), offset)
+
+    def materialise(self) -> torch.Tensor:
+        V = torch.einsum("bnkic,kijcd->bnkijd", self.pose, self.weight)  # (B, P, K, T_in, T_out, D)
+        return V if self.offset is None else V + self.offset[:, None, None, :]  # (K, 1, 1, D) over T_in, T_out
+
+
+Votes = torch.Tensor | VoteFactors
+
+
 class RoutingResult(NamedTuple):
     poses: torch.Tensor  # (B, P, T_out, D)
     activations: torch.Tensor  # (B, P, T_out)
@@ -99,6 +142,7 @@ class Routing(nn.Module):
     name: ClassVar[str] = ""
     impl: ClassVar[str] = "reference"
     kinds: ClassVar[tuple[str, ...]] = ()
+    takes_vote_factors: ClassVar[bool] = False  # route() accepts VoteFactors (else the seam materialises them)
 
     @checked(routing_key)
     def __init__(
@@ -124,15 +168,19 @@ class Routing(nn.Module):
         self.trace: RoutingTrace | None = None
 
     def forward(
-        self, votes: torch.Tensor, a_in: torch.Tensor | None = None, layout: ChildLayout | None = None
+        self, votes: Votes, a_in: torch.Tensor | None = None, layout: ChildLayout | None = None
     ) -> RoutingResult:
-        """Route ``votes`` (B, P, K, T_in, T_out, D) with child activations ``a_in`` (B, P, K, T_in)."""
+        """Route ``votes`` (B, P, K, T_in, T_out, D), a tensor or :class:`VoteFactors`, with child activations
+        ``a_in`` (B, P, K, T_in)."""
         layout = layout if layout is not None else ChildLayout()
         with torch.autocast(device_type=votes.device.type, enabled=False):
             dtype = torch.promote_types(votes.dtype, torch.float32)
             a_in = a_in.to(dtype) if a_in is not None else None
             trace = RoutingTrace(layout) if self.record_trace else None
-            result = self.route(votes.to(dtype), a_in, layout, trace)
+            votes = votes.to(dtype)
+            if isinstance(votes, VoteFactors) and not self.takes_vote_factors:
+                votes = votes.materialise()
+            result = self.route(votes, a_in, layout, trace)
         if trace is not None:  # in the results' dtype, whatever precision the procedure computed in
             trace.assignments = [x.to(result.assignments.dtype) for x in trace.assignments]
             trace.activations = [x.to(result.activations.dtype) for x in trace.activations]

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing, routing_key
+from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, Votes, register_routing, routing_key
 from capsnets.nn.routing.layout import ChildLayout, Normalisation
 from capsnets.schema import BoundedFloat, PositiveFloat, PositiveInt, Range, checked
 
@@ -191,7 +191,7 @@ class EMRoutingBase(Routing):
             self.iterations, schedule=self.lambda_schedule, value=self.lambda_value, scale=scale
         )
 
-    def dtype_for(self, votes: torch.Tensor) -> torch.dtype:
+    def dtype_for(self, votes: Votes) -> torch.dtype:
         """The routing arithmetic's dtype: at least ``moment_dtype`` and the votes' own."""
         return torch.promote_types(votes.dtype, MOMENT_DTYPES[self.moment_dtype])
 

@@ -8,14 +8,16 @@ N = K * T_in votes: G = B * P * T_out parents, votes laid out (G, N, D), R as (B
 
 **Votes.** One copy of the votes in the parents' layout, ``U = V - c0`` (G, N, D), with ``c0`` the
 plain mean of each parent's votes (a constant: it only keeps ``U`` small, so that float32 sums of
-``U`` lose digits relative to the spread of the votes, not to their size).
+``U`` lose digits relative to the spread of the votes, not to their size). A matrix-capsule layer hands
+over the votes by their factors (:class:`~capsnets.nn.routing.VoteFactors`, child poses and transforms):
+each block of votes is then formed, centred and laid out at once, and the votes never exist whole.
 
 **M-step, in two passes** (``w_i = R_ij a_i / sum_i R_ij a_i``, summing to ``m``: 1, or 0 for a
 parent without data):
 
 1. the mean ``E[U] = sum_i w_i U_i`` (one contraction of U), ``mu = c0 m + E[U]`` (smoothed as the
    variant asks), rounded to the votes' dtype as a constant centre ``c``;
-2. the votes' squared distances from it, ``Q = (U - c)^2`` (one elementwise pass), and
+2. the votes' squared distances from it, ``Q = (U - c)^2`` (formed block by block where it is read), and
    ``sigma^2 = sum_i w_i (U_i - (mu - c0))^2 = E[Q] - 2 (mu - c0 - c) (E[U] - m c) + m (mu - c0 - c)^2``,
    exact for any constant c; with c the rounded mean the last two terms are rounding-sized, so nothing
    cancels: float32 votes give float32-accurate variances even for a tight cluster far from the plain
@@ -30,7 +32,12 @@ kept in float64 whatever ``moment_dtype`` is, so only the vote-sized tensors run
 The custom autograd functions below make the backward pass write the vote gradient once; they form
 ``2 (U - c) x`` as ``U x - c x``, so float32 gradients of votes in a tight cluster far from c0 carry
 about the error a plain float32 run of the reference has (~5e-4 relative on the tight-cluster test case;
-float64 moments are exact). Memory: U and one Q per iteration are kept for the backward pass.
+float64 moments are exact).
+
+**Memory.** U is the only vote-sized tensor kept for the backward pass: every use of Q forms it block by
+block (``CHUNK_ELEMENTS``), in the forward and again in the backward pass, and the vote gradient is formed
+block by block too. em_caps at batch 32 (smallNORB 32x32, float32, jemalloc): peak RSS of a training step
+3.2 GB, from 6.3 GB with the votes whole and Q kept per iteration (the readable reference: 10.3 GB).
 """
 
 from __future__ import annotations
@@ -41,11 +48,35 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from capsnets.nn.routing.base import RoutingResult, RoutingTrace, register_routing
+from capsnets.nn.routing.base import RoutingResult, RoutingTrace, VoteFactors, Votes, register_routing
 from capsnets.nn.routing.em import PAPER, EMRoutingBase, EMVariant, activation_logits, smoothed_mean
 from capsnets.nn.routing.layout import ChildLayout
 
 STATS = torch.float64  # the per-parent statistics' dtype
+# vote-sized work runs in blocks of about this many elements (8 MB in float32), so that what a block
+# forms (Q, a vote gradient) is read back from cache, and no vote-sized temporary is ever allocated
+CHUNK_ELEMENTS = 1 << 21
+# forming votes from their factors (FactorVotes) works in bigger blocks, 4 x CHUNK_ELEMENTS (em_caps: one image of
+# ConvCaps1): its backward accumulates dL/dW once per block, and thin blocks made that pass 2x slower (measured)
+FACTOR_BLOCKS = 4
+
+
+def parent_chunks(parents: int, per_parent: int) -> list[slice]:
+    """Consecutive ranges of ``parents`` (G) whose votes hold about ``CHUNK_ELEMENTS`` elements."""
+    step = max(1, CHUNK_ELEMENTS // per_parent)
+    return [slice(g, min(parents, g + step)) for g in range(0, parents, step)]
+
+
+def position_chunks(b: int, p: int, per_position: int, blocks: int = 1) -> list[tuple[int, slice]]:
+    """(image, range of positions) blocks of about ``blocks * CHUNK_ELEMENTS`` vote elements (at most one image), in
+    the parents' order."""
+    step = max(1, blocks * CHUNK_ELEMENTS // per_position)
+    return [(i, slice(q, min(p, q + step))) for i in range(b) for q in range(0, p, step)]
+
+
+def squares(U: torch.Tensor, c: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``Q = (U - c)^2`` for the parents ``rows``: (g, N, D), formed block by block, never for all parents."""
+    return (U[rows] - c[rows, None]).square_()
 
 
 def first_order_only(backward):
@@ -65,6 +96,38 @@ def first_order_only(backward):
     return checked
 
 
+def vote_tokens(U: torch.Tensor, plain: int, scaled: int) -> list[torch.Tensor]:
+    """Distinct (G, N) and (G, D) zero tokens, a pair for each use of U (shared ones would sum factors before the
+    product); their gradients are the factors of dL/dU (:class:`ParentVotes`)."""
+    return [U.new_zeros(()).expand(U.shape[0], U.shape[1 + i % 2]) for i in range(2 * (plain + scaled))]
+
+
+def vote_gradient_blocks(ctx, token_grads, t_out: int, blocks: int = 1):
+    """The blocks of dL/dU from the uses' token gradients (:class:`ParentVotes`): yields (image, positions, dU)
+    with dU (positions * T_out, N, D) in the parents' layout, formed one block at a time; nothing if no use has a
+    gradient."""
+    (U,) = ctx.saved_tensors[:1]
+    pairs = list(zip(token_grads[::2], token_grads[1::2]))
+    plain = [pair for pair in pairs[: ctx.plain] if pair[0] is not None]
+    scaled = [pair for pair in pairs[ctx.plain :] if pair[0] is not None]
+    if not plain and not scaled:
+        return
+
+    def product(pairs, rows):  # sum over the uses of left x right for the parents rows, (g, N, D)
+        left = torch.stack([left[rows] for left, _ in pairs], dim=1)  # (g, uses, N)
+        right = torch.stack([right[rows] for _, right in pairs], dim=1)  # (g, uses, D)
+        return torch.bmm(left.transpose(1, 2), right)
+
+    b, p = ctx.grid
+    for i, ps in position_chunks(b, p, t_out * U[0].numel(), blocks):
+        rows = slice((i * p + ps.start) * t_out, (i * p + ps.stop) * t_out)
+        dU = product(plain, rows) if plain else None
+        if scaled:
+            factor = product(scaled, rows)
+            dU = factor.mul_(U[rows]) if dU is None else dU.addcmul_(U[rows], factor)
+        yield i, ps, dU
+
+
 class ParentVotes(torch.autograd.Function):
     """``U = V - c0`` (G, N, D) in ``dtype``: the votes copied once into the parents' layout, ``c0`` (G, D) the
     plain mean of each parent's votes (a constant, no gradient).
@@ -73,7 +136,7 @@ class ParentVotes(torch.autograd.Function):
     gradient with respect to U is ``left (G, N) x right (G, D)``, or for Q ``2 (U - c) * (left x right)``
     ``= U * (left x 2 right) + left x (-2 c right)``. Each use hands its factors back as the gradients of its
     ``tokens``: ``plain`` pairs (their products sum) and ``scaled`` pairs (their products sum, times U), and
-    the backward here forms dL/dU with two bmm's, and writes dL/dV once, in V's own strides.
+    the backward here forms dL/dU block by block (never whole) and writes dL/dV once, in V's own strides.
     """
 
     @staticmethod
@@ -81,44 +144,97 @@ class ParentVotes(torch.autograd.Function):
         b, p, k, t_in, t_out, d = V.shape
         ctx.set_materialize_grads(False)  # U and c0 get no gradient: never allocate zeros for them
         V_par = V.permute(0, 1, 4, 2, 3, 5)  # (B, P, T_out, K, T_in, D), a view
-        c0 = V_par.mean(dim=(3, 4), keepdim=True).to(dtype)  # (B, P, T_out, 1, 1, D), the centre U is formed with
         U = V.new_empty(b, p, t_out, k, t_in, d, dtype=dtype)
-        torch.sub(V_par if dtype == V.dtype else V_par.to(dtype), c0, out=U)  # one pass: centres, lays out
+        c0 = V.new_empty(b, p, t_out, 1, 1, d, dtype=dtype)  # the plain mean of each parent's votes: U's centre
+        for i, ps in position_chunks(b, p, t_out * k * t_in * d):  # one read of V from memory
+            block = V_par[i, ps] if dtype == V.dtype else V_par[i, ps].to(dtype)
+            torch.mean(block, dim=(2, 3), keepdim=True, out=c0[i, ps])
+            torch.sub(block, c0[i, ps], out=U[i, ps])  # centres, lays out
         U = U.view(b * p * t_out, k * t_in, d)  # (G, N, D)
-        c0 = c0.to(STATS).view(b * p * t_out, d)
         ctx.save_for_backward(U)
-        ctx.plain = plain
+        ctx.plain, ctx.grid = plain, (b, p)
         ctx.layout = torch.empty_like(V, device="meta")  # V's shape, strides and dtype, without keeping V alive
+        c0 = c0.to(STATS).view(b * p * t_out, d)
         ctx.mark_non_differentiable(U, c0)
-        # distinct (G, N) and (G, D) tokens for each use (shared ones would sum factors before the product)
-        tokens = [U.new_zeros(()).expand(U.shape[0], U.shape[1 + i % 2]) for i in range(2 * (plain + scaled))]
-        return (U, c0, *tokens)
+        return (U, c0, *vote_tokens(U, plain, scaled))
 
     @staticmethod
     @first_order_only
     def backward(ctx, _dU, _dc0, *token_grads):  # type: ignore[override]
-        (U,) = ctx.saved_tensors
-
-        def product(grads):  # sum over the uses of left x right, (G, N, D), or None
-            pairs = [(left, right) for left, right in zip(grads[::2], grads[1::2]) if left is not None]
-            if not pairs:
-                return None
-            left = torch.stack([left for left, _ in pairs], dim=1)  # (G, uses, N): stacking on dim 2 copies slowly
-            right = torch.stack([right for _, right in pairs], dim=1)  # (G, uses, D)
-            return torch.bmm(left.transpose(1, 2), right)
-
-        dU = product(token_grads[: 2 * ctx.plain])
-        scaled = product(token_grads[2 * ctx.plain :])
-        if scaled is not None:
-            dU = torch.mul(U, scaled) if dU is None else dU.addcmul_(U, scaled)
-        if dU is None:
-            return None, None, None, None
         layout = ctx.layout
         b, p, k, t_in, t_out, d = layout.shape
-        # V's own strides, so that the backward of the vote einsum needs no copy
-        dV = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=U.device)
-        dV.permute(0, 1, 4, 2, 3, 5).copy_(dU.view(b, p, t_out, k, t_in, d))
+        dV = None
+        for i, ps, dU in vote_gradient_blocks(ctx, token_grads, t_out):
+            if dV is None:  # V's own strides, so that the backward of the vote einsum needs no copy
+                dV = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=dU.device)
+            dV.permute(0, 1, 4, 2, 3, 5)[i, ps].copy_(dU.view(-1, t_out, k, t_in, d))
         return dV, None, None, None
+
+
+class FactorVotes(torch.autograd.Function):
+    """:class:`ParentVotes` from the votes' factors (:class:`~capsnets.nn.routing.VoteFactors`): each block of
+    votes ``V = pose @ weight + offset`` is formed, centred and laid out while in cache, so the votes never exist
+    whole (em_caps' ConvCaps1: 678 MB at batch 32 in float32); the backward pass forms each block of dL/dV and
+    turns it into the gradients of the pose, weight and offset at once."""
+
+    @staticmethod
+    def forward(ctx, pose, weight, offset, plain: int, scaled: int, dtype: torch.dtype):  # type: ignore[override]
+        b, p, k, t_in, c = pose.shape  # pose (B, P, K, T_in, C), weight (K, T_in, T_out, C, D), offset (K, D)
+        t_out, d = weight.shape[2], weight.shape[4]
+        ctx.set_materialize_grads(False)
+        # the transforms once in the layout of a bmm over (k, i): (K * T_in, C, T_out * D)
+        weight_b = weight.to(dtype).permute(0, 1, 3, 2, 4).reshape(k * t_in, c, t_out * d)
+        offset_m = None if offset is None else offset.to(dtype)[:, None, :]  # (K, 1, D) over T_in
+        U = pose.new_empty(b, p, t_out, k, t_in, d, dtype=dtype)
+        c0 = pose.new_empty(b, p, t_out, 1, 1, d, dtype=dtype)
+        for i, ps in position_chunks(b, p, t_out * k * t_in * d, FACTOR_BLOCKS):
+            n = ps.stop - ps.start
+            pose_b = pose[i, ps].to(dtype).permute(1, 2, 0, 3).reshape(k * t_in, n, c)  # (K * T_in, n, C)
+            block = (
+                torch.bmm(pose_b, weight_b).view(k, t_in, n, t_out, d).permute(2, 3, 0, 1, 4)
+            )  # (n, T_out, K, T_in, D)
+            if offset_m is not None:
+                block = block.add_(offset_m)
+            torch.mean(block, dim=(2, 3), keepdim=True, out=c0[i, ps])
+            torch.sub(block, c0[i, ps], out=U[i, ps])
+        U = U.view(b * p * t_out, k * t_in, d)
+        ctx.save_for_backward(U, pose, weight)
+        ctx.plain, ctx.grid, ctx.has_offset = plain, (b, p), offset is not None
+        c0 = c0.to(STATS).view(b * p * t_out, d)
+        ctx.mark_non_differentiable(U, c0)
+        return (U, c0, *vote_tokens(U, plain, scaled))
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, _dU, _dc0, *token_grads):  # type: ignore[override]
+        _, pose, weight = ctx.saved_tensors
+        b, p, k, t_in, c = pose.shape
+        t_out, d = weight.shape[2], weight.shape[4]
+        want_pose, want_weight, want_offset = ctx.needs_input_grad[:3]
+        d_pose = torch.zeros_like(pose) if want_pose else None
+        # dL/dW accumulated in the layout of the bmm over (k, i): (K * T_in, C, T_out * D)
+        d_weight = pose.new_zeros(k * t_in, c, t_out * d) if want_weight else None
+        d_offset = pose.new_zeros(k, d) if want_offset and ctx.has_offset else None
+        weight_t = None  # the transforms as (K * T_in, T_out * D, C), for dL/dpose
+        for i, ps, dU in vote_gradient_blocks(ctx, token_grads, t_out, FACTOR_BLOCKS):
+            n = ps.stop - ps.start
+            dU = dU.view(n, t_out, k, t_in, d)
+            if d_offset is not None:
+                d_offset += dU.sum(dim=(0, 1, 3)).to(pose.dtype)
+            if d_pose is None and d_weight is None:
+                continue
+            # the block's vote gradient in the layout of the bmm over (k, i), one copy: (K * T_in, n, T_out * D)
+            d_votes = dU.permute(2, 3, 0, 1, 4).reshape(k * t_in, n, t_out * d).to(pose.dtype)
+            if d_pose is not None:
+                if weight_t is None:
+                    weight_t = weight.to(pose.dtype).permute(0, 1, 2, 4, 3).reshape(k * t_in, t_out * d, c)
+                d_pose[i, ps] = torch.bmm(d_votes, weight_t).view(k, t_in, n, c).permute(2, 0, 1, 3)
+            if d_weight is not None:
+                pose_t = pose[i, ps].permute(1, 2, 3, 0).reshape(k * t_in, c, n)  # (K * T_in, C, n)
+                d_weight.baddbmm_(pose_t, d_votes)
+        if d_weight is not None:
+            d_weight = d_weight.view(k, t_in, c, t_out, d).permute(0, 1, 3, 2, 4).to(weight.dtype)
+        return d_pose, d_weight, d_offset, None, None, None
 
 
 class VoteSum(torch.autograd.Function):
@@ -140,39 +256,66 @@ class VoteSum(torch.autograd.Function):
 
 class SquareSum(torch.autograd.Function):
     """M-step second moment ``S[g] = sum_n w[g, n] Q[g, n]`` with ``Q = (U - c)^2`` (c a constant): (G, N) -> (G, D);
-    one plain and one scaled token pair (``dL/dU = 2 (U - c) * (w x dS)``)."""
+    one plain and one scaled token pair (``dL/dU = 2 (U - c) * (w x dS)``). Q is formed block by block, in the
+    forward and again in the backward pass, and never kept."""
 
     @staticmethod
-    def forward(ctx, Q, c, plain_n, plain_d, scaled_n, scaled_d, w):  # type: ignore[override]
-        ctx.save_for_backward(Q, c, w)
-        return torch.bmm(w.unsqueeze(1), Q).squeeze(1)
+    def forward(ctx, U, c, plain_n, plain_d, scaled_n, scaled_d, w):  # type: ignore[override]
+        ctx.save_for_backward(U, c, w)
+        S = U.new_empty(U.shape[0], U.shape[2])
+        for rows in parent_chunks(U.shape[0], U[0].numel()):
+            torch.bmm(w[rows, None], squares(U, c, rows), out=S[rows, None])  # (g, 1, N) @ (g, N, D)
+        return S
 
     @staticmethod
     @first_order_only
     def backward(ctx, dS):  # type: ignore[override]
-        Q, c, w = ctx.saved_tensors
-        dw = torch.bmm(dS.unsqueeze(1), Q.transpose(1, 2)).squeeze(1) if ctx.needs_input_grad[6] else None
+        U, c, w = ctx.saved_tensors
+        dw = None
+        if ctx.needs_input_grad[6]:
+            dw = U.new_empty(U.shape[:2])
+            for rows in parent_chunks(U.shape[0], U[0].numel()):  # (g, 1, D) @ (g, D, N)
+                torch.bmm(dS[rows, None], squares(U, c, rows).transpose(1, 2), out=dw[rows, None])
         return None, None, w, -2.0 * c * dS, w, 2.0 * dS, dw
 
 
 class PoseSum(torch.autograd.Function):
     """E-step contraction ``q[g, n] = sum_h U[g, n, h] f1[g, h] + Q[g, n, h] f2[g, h]`` with ``Q = (U - c)^2``:
-    (G, D) x 2 -> (G, N); one plain and one scaled token pair."""
+    (G, D) x 2 -> (G, N); one plain and one scaled token pair. One read of U per block, Q formed from it."""
 
     @staticmethod
-    def forward(ctx, U, Q, c, plain_n, plain_d, scaled_n, scaled_d, f1, f2):  # type: ignore[override]
-        ctx.save_for_backward(U, Q, c, f1, f2)
-        q = torch.bmm(f1.unsqueeze(1), U.transpose(1, 2))  # (G, 1, D) @ (G, D, N) -> (G, 1, N)
-        return q.baddbmm_(f2.unsqueeze(1), Q.transpose(1, 2)).squeeze(1)
+    def forward(ctx, U, c, plain_n, plain_d, scaled_n, scaled_d, f1, f2):  # type: ignore[override]
+        ctx.save_for_backward(U, c, f1, f2)
+        q = U.new_empty(U.shape[0], 1, U.shape[1])
+        for rows in parent_chunks(U.shape[0], U[0].numel()):
+            # (g, 1, D) @ (g, D, N) -> (g, 1, N), twice
+            torch.bmm(f1[rows, None], U[rows].transpose(1, 2), out=q[rows])
+            q[rows].baddbmm_(f2[rows, None], squares(U, c, rows).transpose(1, 2))
+        return q.squeeze(1)
 
     @staticmethod
     @first_order_only
     def backward(ctx, dq):  # type: ignore[override]
-        U, Q, c, f1, f2 = ctx.saved_tensors
-        df1 = torch.bmm(dq.unsqueeze(1), U).squeeze(1) if ctx.needs_input_grad[7] else None  # (G, D)
-        df2 = torch.bmm(dq.unsqueeze(1), Q).squeeze(1) if ctx.needs_input_grad[8] else None
+        U, c, f1, f2 = ctx.saved_tensors
+        df1 = U.new_empty(U.shape[0], 1, U.shape[2]) if ctx.needs_input_grad[6] else None
+        df2 = U.new_empty(U.shape[0], 1, U.shape[2]) if ctx.needs_input_grad[7] else None
+        if df1 is not None or df2 is not None:
+            for rows in parent_chunks(U.shape[0], U[0].numel()):
+                if df1 is not None:
+                    torch.bmm(dq[rows, None], U[rows], out=df1[rows])  # (g, 1, N) @ (g, N, D)
+                if df2 is not None:
+                    torch.bmm(dq[rows, None], squares(U, c, rows), out=df2[rows])
         # dL/dU = dq x f1 + 2 (U - c) * (dq x f2)
-        return None, None, None, dq, f1 - 2.0 * c * f2, dq, 2.0 * f2, df1, df2
+        return (
+            None,
+            None,
+            dq,
+            f1 - 2.0 * c * f2,
+            dq,
+            2.0 * f2,
+            None if df1 is None else df1.squeeze(1),
+            None if df2 is None else df2.squeeze(1),
+        )
 
 
 def m_step(
@@ -194,8 +337,8 @@ def m_step(
 
     ``tokens``: three pairs from ``ParentVotes`` (plain for the mean, plain and scaled for the second moment).
     ``mu_previous``: the previous iteration's mean, for the release's mean smoothing. Returns mu, sigma_sq
-    (B, P, T_out, D), the logits of a_out (B, P, T_out), and for the E-step Q (G, N, D), the centre c (G, D)
-    and ``mu - c0 - c`` (B, P, T_out, D).
+    (B, P, T_out, D), the logits of a_out (B, P, T_out), and for the E-step the centre c (G, D) of
+    ``Q = (U - c)^2`` and ``mu - c0 - c`` (B, P, T_out, D).
     """
     b, p, t_out = R.shape[:3]
     d = U.shape[-1]
@@ -209,10 +352,9 @@ def m_step(
     c0 = c0.view(b, p, t_out, d)
     mu = smoothed_mean(mass * c0 + E_U, mu_previous, variant)
     # pass 2: Q = (U - c)^2 around c = mu - c0 rounded to U's dtype, a constant; then line 4
-    c = (mu - c0).detach().to(U.dtype).view(-1, 1, d)  # (G, 1, D)
-    Q = (U - c).square_()  # (G, N, D): its gradient reaches U through SquareSum's and PoseSum's tokens
-    c = c.view(-1, d)
-    E_Q = SquareSum.apply(Q, c, *tokens[2:6], w).to(STATS).view(b, p, t_out, d)
+    c = (mu - c0).detach().to(U.dtype).view(-1, d)  # (G, D)
+    # E[Q], Q = (U - c)^2 formed block by block: its gradient reaches U through SquareSum's tokens
+    E_Q = SquareSum.apply(U, c, *tokens[2:6], w).to(STATS).view(b, p, t_out, d)
     delta = mu - c0 - c.to(STATS).view(b, p, t_out, d)  # mu - c0 - c: rounding-sized in value, mu's gradient
     # sum_i w_i (U_i - c - delta)^2, exact for any constant c: E[Q] - 2 delta E[U - c] + m delta^2
     sigma_sq = E_Q - 2 * delta * (E_U - mass * (mu - c0 - delta)) + mass * delta**2
@@ -221,12 +363,11 @@ def m_step(
     # gradient with respect to every other child's activation there)
     sigma_sq = sigma_sq + (sigma_sq.clamp_min(0) - sigma_sq).detach() + var_floor
     logits = activation_logits(sigma_sq, sum_R, beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, variant=variant)
-    return mu, sigma_sq, logits, Q, c, delta
+    return mu, sigma_sq, logits, c, delta
 
 
 def e_step(
     U: torch.Tensor,
-    Q: torch.Tensor,
     c: torch.Tensor,
     tokens: Sequence[torch.Tensor],
     delta: torch.Tensor,
@@ -245,7 +386,7 @@ def e_step(
     # sum_h (U - c - delta)^2 / sigma^2 = sum_h Q / sigma^2 + sum_h U f1 + sum_h (2 c delta + delta^2) / sigma^2
     f1 = (-2.0 * delta * inv_var).view(b * p * t_out, -1)
     f2 = inv_var.view(b * p * t_out, -1)
-    q = PoseSum.apply(U, Q, c, *tokens, f1.to(U.dtype), f2.to(U.dtype)).to(STATS).view(b, p, t_out, k, -1)
+    q = PoseSum.apply(U, c, *tokens, f1.to(U.dtype), f2.to(U.dtype)).to(STATS).view(b, p, t_out, k, -1)
     c = c.to(STATS).view_as(delta)
     # log p_ij = sum_h log N(V_ij^h; mu_j^h, sigma_j^h); the parent's terms broadcast over its children
     per_parent = ((2 * c + delta) * delta * inv_var + torch.log(2 * math.pi * sigma_sq)).sum(dim=-1)  # (B, P, T_out)
@@ -256,7 +397,7 @@ def e_step(
 
 
 def fused_em_routing(
-    V: torch.Tensor,
+    V: torch.Tensor | VoteFactors,
     a_in: torch.Tensor,
     *,
     beta_u: torch.Tensor,
@@ -272,8 +413,9 @@ def fused_em_routing(
 ) -> RoutingResult:
     """Procedure 1: ``len(lambdas)`` iterations of M-step (every parent) then E-step (every child).
 
-    Args as :func:`capsnets.nn.routing.em.em_routing`; V (B, P, K, T_in, T_out, D) in any strides,
-    ``moment_dtype`` the dtype of the vote-sized tensors (outputs are returned in it). Runs with autocast off
+    Args as :func:`capsnets.nn.routing.em.em_routing`; V (B, P, K, T_in, T_out, D) in any strides, or its
+    :class:`~capsnets.nn.routing.VoteFactors` (formed block by block, never whole); ``moment_dtype`` the dtype of
+    the vote-sized tensors (outputs are returned in it). Runs with autocast off
     (as every routing does, :class:`~capsnets.nn.routing.base.Routing`), also when called directly.
     """
     if torch.is_autocast_enabled(V.device.type):
@@ -297,14 +439,18 @@ def fused_em_routing(
     iterations = len(lambdas)
     a_in, beta_u, beta_a = (x.to(STATS) for x in (a_in, beta_u, beta_a))
     # token pairs: per M-step 1 plain (mean) + 1 plain and 1 scaled (second moment); per E-step 1 + 1
-    U, c0, *tokens = ParentVotes.apply(V, 2 * iterations + (iterations - 1), 2 * iterations - 1, moment_dtype)
+    uses = (2 * iterations + (iterations - 1), 2 * iterations - 1, moment_dtype)
+    if isinstance(V, VoteFactors):
+        U, c0, *tokens = FactorVotes.apply(V.pose, V.weight, V.offset, *uses)
+    else:
+        U, c0, *tokens = ParentVotes.apply(V, *uses)
     plain, scaled = tokens[: 2 * (3 * iterations - 1)], tokens[2 * (3 * iterations - 1) :]
     a_in = a_in[:, :, None]  # (B, P, 1, K, T_in), broadcast over R's T_out
     R = layout.initial(torch.Size((b, p, k, t_in, t_out)), like=a_in, over=normalisation).permute(0, 1, 4, 2, 3)
     mu = None
     for t, lambda_ in enumerate(lambdas):
         m_tokens = (*plain[6 * t : 6 * t + 4], *scaled[4 * t : 4 * t + 2])
-        mu, sigma_sq, logits, Q, c, delta = m_step(
+        mu, sigma_sq, logits, c, delta = m_step(
             R,
             a_in,
             U,
@@ -322,7 +468,7 @@ def fused_em_routing(
             trace.record(R.permute(0, 1, 3, 4, 2), torch.sigmoid(logits))  # R as (B, P, K, T_in, T_out)
         if t < iterations - 1:
             e_tokens = (*plain[6 * t + 4 : 6 * t + 6], *scaled[4 * t + 2 : 4 * t + 4])
-            R = e_step(U, Q, c, e_tokens, delta, sigma_sq, logits, layout, normalisation, k)
+            R = e_step(U, c, e_tokens, delta, sigma_sq, logits, layout, normalisation, k)
             if variant.detach_assignments:
                 R = R.detach()
     out = (mu, torch.sigmoid(logits), R.permute(0, 1, 3, 4, 2))
@@ -331,12 +477,16 @@ def fused_em_routing(
 
 @register_routing("em", kinds=("matrix",), impl="fused", default=True)
 class FusedEMRouting(EMRoutingBase):
-    """EM routing, the fast implementation (``impl: fused``): the same settings and results as ``impl: reference``."""
+    """EM routing, the fast implementation (``impl: fused``): the same settings and results as ``impl: reference``;
+    forms the votes itself, block by block, when a layer hands over their factors."""
+
+    takes_vote_factors = True
 
     def route(
-        self, votes: torch.Tensor, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
+        self, votes: Votes, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
     ) -> RoutingResult:
-        a_in = a_in if a_in is not None else votes.new_ones(votes.shape[:4])
+        if a_in is None:
+            a_in = torch.ones(votes.shape[:4], dtype=votes.dtype, device=votes.device)
         result = fused_em_routing(
             votes,
             a_in,
