@@ -373,8 +373,9 @@ def as_double(inputs: dict) -> dict:
 
 
 # the fused routing's vote-sized work runs in blocks of em_fused.CHUNK_ELEMENTS elements: the default (one block
-# for these sizes), one parent / one position per block, and blocks that split the parents of one image unevenly
-CHUNKS = [None, 1, 5000]
+# for these sizes), one parent / one position per block, blocks that split the parents of one image unevenly, and
+# votes formed from their factors in blocks that straddle two images (8 x 1600 elements: 7 of the 2 x 9 positions)
+CHUNKS = [None, 1, 5000, 1600]
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)

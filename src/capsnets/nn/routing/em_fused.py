@@ -56,9 +56,10 @@ STATS = torch.float64  # the per-parent statistics' dtype
 # vote-sized work runs in blocks of about this many elements (8 MB in float32), so that what a block
 # forms (Q, a vote gradient) is read back from cache, and no vote-sized temporary is ever allocated
 CHUNK_ELEMENTS = 1 << 21
-# forming votes from their factors (FactorVotes) works in bigger blocks, 4 x CHUNK_ELEMENTS (em_caps: one image of
-# ConvCaps1): its backward accumulates dL/dW once per block, and thin blocks made that pass 2x slower (measured)
-FACTOR_BLOCKS = 4
+# forming votes from their factors (FactorVotes) works in bigger blocks, FACTOR_BLOCKS x CHUNK_ELEMENTS elements
+# (em_caps: about 3 images of ConvCaps1): its backward accumulates dL/dW once per block, a bmm whose inner dimension
+# is the block's positions, and blocks of CHUNK_ELEMENTS made that pass 2x slower (measured)
+FACTOR_BLOCKS = 8
 
 
 def parent_chunks(parents: int, per_parent: int) -> list[slice]:
@@ -67,11 +68,18 @@ def parent_chunks(parents: int, per_parent: int) -> list[slice]:
     return [slice(g, min(parents, g + step)) for g in range(0, parents, step)]
 
 
-def position_chunks(b: int, p: int, per_position: int, blocks: int = 1) -> list[tuple[int, slice]]:
-    """(image, range of positions) blocks of about ``blocks * CHUNK_ELEMENTS`` vote elements (at most one image), in
-    the parents' order."""
-    step = max(1, blocks * CHUNK_ELEMENTS // per_position)
+def position_chunks(b: int, p: int, per_position: int) -> list[tuple[int, slice]]:
+    """(image, range of positions) blocks of about ``CHUNK_ELEMENTS`` vote elements (at most one image), in the
+    parents' order."""
+    step = max(1, CHUNK_ELEMENTS // per_position)
     return [(i, slice(q, min(p, q + step))) for i in range(b) for q in range(0, p, step)]
+
+
+def flat_position_chunks(positions: int, per_position: int, blocks: int) -> list[slice]:
+    """Ranges of the B * P (image, position) pairs, in the parents' order, of about ``blocks * CHUNK_ELEMENTS`` vote
+    elements each."""
+    step = max(1, blocks * CHUNK_ELEMENTS // per_position)
+    return [slice(q, min(positions, q + step)) for q in range(0, positions, step)]
 
 
 def squares(U: torch.Tensor, c: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -102,10 +110,10 @@ def vote_tokens(U: torch.Tensor, plain: int, scaled: int) -> list[torch.Tensor]:
     return [U.new_zeros(()).expand(U.shape[0], U.shape[1 + i % 2]) for i in range(2 * (plain + scaled))]
 
 
-def vote_gradient_blocks(ctx, token_grads, t_out: int, blocks: int = 1):
-    """The blocks of dL/dU from the uses' token gradients (:class:`ParentVotes`): yields (image, positions, dU)
-    with dU (positions * T_out, N, D) in the parents' layout, formed one block at a time; nothing if no use has a
-    gradient."""
+def vote_gradient_blocks(ctx, token_grads, ranges: list[slice], t_out: int):
+    """The blocks of dL/dU from the uses' token gradients (:class:`ParentVotes`): for each range of (image,
+    position) pairs in ``ranges`` (flat, in the parents' order) yields dU (positions * T_out, N, D) in the parents'
+    layout, formed one block at a time; nothing if no use has a gradient."""
     (U,) = ctx.saved_tensors[:1]
     pairs = list(zip(token_grads[::2], token_grads[1::2]))
     plain = [pair for pair in pairs[: ctx.plain] if pair[0] is not None]
@@ -118,14 +126,13 @@ def vote_gradient_blocks(ctx, token_grads, t_out: int, blocks: int = 1):
         right = torch.stack([right[rows] for _, right in pairs], dim=1)  # (g, uses, D)
         return torch.bmm(left.transpose(1, 2), right)
 
-    b, p = ctx.grid
-    for i, ps in position_chunks(b, p, t_out * U[0].numel(), blocks):
-        rows = slice((i * p + ps.start) * t_out, (i * p + ps.stop) * t_out)
+    for positions in ranges:
+        rows = slice(positions.start * t_out, positions.stop * t_out)
         dU = product(plain, rows) if plain else None
         if scaled:
             factor = product(scaled, rows)
             dU = factor.mul_(U[rows]) if dU is None else dU.addcmul_(U[rows], factor)
-        yield i, ps, dU
+        yield dU
 
 
 class ParentVotes(torch.autograd.Function):
@@ -164,7 +171,9 @@ class ParentVotes(torch.autograd.Function):
         layout = ctx.layout
         b, p, k, t_in, t_out, d = layout.shape
         dV = None
-        for i, ps, dU in vote_gradient_blocks(ctx, token_grads, t_out):
+        blocks = position_chunks(b, p, t_out * k * t_in * d)
+        ranges = [slice(i * p + ps.start, i * p + ps.stop) for i, ps in blocks]
+        for (i, ps), dU in zip(blocks, vote_gradient_blocks(ctx, token_grads, ranges, t_out)):
             if dV is None:  # V's own strides, so that the backward of the vote einsum needs no copy
                 dV = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=dU.device)
             dV.permute(0, 1, 4, 2, 3, 5)[i, ps].copy_(dU.view(-1, t_out, k, t_in, d))
@@ -185,18 +194,19 @@ class FactorVotes(torch.autograd.Function):
         # the transforms once in the layout of a bmm over (k, i): (K * T_in, C, T_out * D)
         weight_b = weight.to(dtype).permute(0, 1, 3, 2, 4).reshape(k * t_in, c, t_out * d)
         offset_m = None if offset is None else offset.to(dtype)[:, None, :]  # (K, 1, D) over T_in
-        U = pose.new_empty(b, p, t_out, k, t_in, d, dtype=dtype)
-        c0 = pose.new_empty(b, p, t_out, 1, 1, d, dtype=dtype)
-        for i, ps in position_chunks(b, p, t_out * k * t_in * d, FACTOR_BLOCKS):
+        flat = pose.reshape(b * p, k, t_in, c)  # the (image, position) pairs in a row
+        U = pose.new_empty(b * p, t_out, k, t_in, d, dtype=dtype)
+        c0 = pose.new_empty(b * p, t_out, 1, 1, d, dtype=dtype)
+        for ps in flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS):
             n = ps.stop - ps.start
-            pose_b = pose[i, ps].to(dtype).permute(1, 2, 0, 3).reshape(k * t_in, n, c)  # (K * T_in, n, C)
+            pose_b = flat[ps].to(dtype).permute(1, 2, 0, 3).reshape(k * t_in, n, c)  # (K * T_in, n, C)
             block = (
                 torch.bmm(pose_b, weight_b).view(k, t_in, n, t_out, d).permute(2, 3, 0, 1, 4)
             )  # (n, T_out, K, T_in, D)
             if offset_m is not None:
                 block = block.add_(offset_m)
-            torch.mean(block, dim=(2, 3), keepdim=True, out=c0[i, ps])
-            torch.sub(block, c0[i, ps], out=U[i, ps])
+            torch.mean(block, dim=(2, 3), keepdim=True, out=c0[ps])
+            torch.sub(block, c0[ps], out=U[ps])
         U = U.view(b * p * t_out, k * t_in, d)
         ctx.save_for_backward(U, pose, weight)
         ctx.plain, ctx.grid, ctx.has_offset = plain, (b, p), offset is not None
@@ -211,13 +221,16 @@ class FactorVotes(torch.autograd.Function):
         b, p, k, t_in, c = pose.shape
         t_out, d = weight.shape[2], weight.shape[4]
         want_pose, want_weight, want_offset = ctx.needs_input_grad[:3]
-        d_pose = torch.zeros_like(pose) if want_pose else None
+        d_pose = pose.new_empty(b * p, k, t_in, c) if want_pose else None
         # dL/dW accumulated in the layout of the bmm over (k, i): (K * T_in, C, T_out * D)
         d_weight = pose.new_zeros(k * t_in, c, t_out * d) if want_weight else None
         d_offset = pose.new_zeros(k, d) if want_offset and ctx.has_offset else None
         weight_t = None  # the transforms as (K * T_in, T_out * D, C), for dL/dpose
-        for i, ps, dU in vote_gradient_blocks(ctx, token_grads, t_out, FACTOR_BLOCKS):
-            n = ps.stop - ps.start
+        flat = pose.reshape(b * p, k, t_in, c)
+        ranges = flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS)
+        computed = False
+        for ps, dU in zip(ranges, vote_gradient_blocks(ctx, token_grads, ranges, t_out)):
+            computed, n = True, ps.stop - ps.start
             dU = dU.view(n, t_out, k, t_in, d)
             if d_offset is not None:
                 d_offset += dU.sum(dim=(0, 1, 3)).to(pose.dtype)
@@ -228,10 +241,14 @@ class FactorVotes(torch.autograd.Function):
             if d_pose is not None:
                 if weight_t is None:
                     weight_t = weight.to(pose.dtype).permute(0, 1, 2, 4, 3).reshape(k * t_in, t_out * d, c)
-                d_pose[i, ps] = torch.bmm(d_votes, weight_t).view(k, t_in, n, c).permute(2, 0, 1, 3)
+                d_pose[ps] = torch.bmm(d_votes, weight_t).view(k, t_in, n, c).permute(2, 0, 1, 3)
             if d_weight is not None:
-                pose_t = pose[i, ps].permute(1, 2, 3, 0).reshape(k * t_in, c, n)  # (K * T_in, C, n)
+                pose_t = flat[ps].permute(1, 2, 3, 0).reshape(k * t_in, c, n)  # (K * T_in, C, n)
                 d_weight.baddbmm_(pose_t, d_votes)
+        if not computed:  # no use of U has a gradient
+            return None, None, None, None, None, None
+        if d_pose is not None:
+            d_pose = d_pose.view_as(pose)
         if d_weight is not None:
             d_weight = d_weight.view(k, t_in, c, t_out, d).permute(0, 1, 3, 2, 4).to(weight.dtype)
         return d_pose, d_weight, d_offset, None, None, None
