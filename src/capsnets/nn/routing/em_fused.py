@@ -110,6 +110,19 @@ def vote_tokens(U: torch.Tensor, plain: int, scaled: int) -> list[torch.Tensor]:
     return [U.new_zeros(()).expand(U.shape[0], U.shape[1 + i % 2]) for i in range(2 * (plain + scaled))]
 
 
+def centred_votes(ctx, U: torch.Tensor, c0: torch.Tensor, plain: int, scaled: int, *saved: torch.Tensor):
+    """The outputs of :class:`ParentVotes` / :class:`FactorVotes` from U (..., T_out, K, T_in, D) and its centres c0
+    (..., T_out, 1, 1, D): U as (G, N, D), c0 as (G, D) in the statistics' dtype, and the tokens of the uses; U (and
+    ``saved``) kept for the backward pass."""
+    d = U.shape[-1]
+    U = U.view(-1, U.shape[-3] * U.shape[-2], d)  # (G, N, D)
+    c0 = c0.to(STATS).view(-1, d)
+    ctx.save_for_backward(U, *saved)
+    ctx.plain = plain
+    ctx.mark_non_differentiable(U, c0)
+    return (U, c0, *vote_tokens(U, plain, scaled))
+
+
 def vote_gradient_blocks(ctx, token_grads, ranges: list[slice], t_out: int):
     """The blocks of dL/dU from the uses' token gradients (:class:`ParentVotes`): for each range of (image,
     position) pairs in ``ranges`` (flat, in the parents' order) yields dU (positions * T_out, N, D) in the parents'
@@ -157,13 +170,8 @@ class ParentVotes(torch.autograd.Function):
             block = V_par[i, ps] if dtype == V.dtype else V_par[i, ps].to(dtype)
             torch.mean(block, dim=(2, 3), keepdim=True, out=c0[i, ps])
             torch.sub(block, c0[i, ps], out=U[i, ps])  # centres, lays out
-        U = U.view(b * p * t_out, k * t_in, d)  # (G, N, D)
-        ctx.save_for_backward(U)
-        ctx.plain, ctx.grid = plain, (b, p)
         ctx.layout = torch.empty_like(V, device="meta")  # V's shape, strides and dtype, without keeping V alive
-        c0 = c0.to(STATS).view(b * p * t_out, d)
-        ctx.mark_non_differentiable(U, c0)
-        return (U, c0, *vote_tokens(U, plain, scaled))
+        return centred_votes(ctx, U, c0, plain, scaled)
 
     @staticmethod
     @first_order_only
@@ -207,12 +215,8 @@ class FactorVotes(torch.autograd.Function):
                 block = block.add_(offset_m)
             torch.mean(block, dim=(2, 3), keepdim=True, out=c0[ps])
             torch.sub(block, c0[ps], out=U[ps])
-        U = U.view(b * p * t_out, k * t_in, d)
-        ctx.save_for_backward(U, pose, weight)
-        ctx.plain, ctx.grid, ctx.has_offset = plain, (b, p), offset is not None
-        c0 = c0.to(STATS).view(b * p * t_out, d)
-        ctx.mark_non_differentiable(U, c0)
-        return (U, c0, *vote_tokens(U, plain, scaled))
+        ctx.has_offset = offset is not None
+        return centred_votes(ctx, U, c0, plain, scaled, pose, weight)
 
     @staticmethod
     @first_order_only
