@@ -37,7 +37,7 @@ float64 moments are exact).
 **Memory.** U is the only vote-sized tensor kept for the backward pass: every use of Q forms it block by
 block (``CHUNK_ELEMENTS``), in the forward and again in the backward pass, and the vote gradient is formed
 block by block too. em_caps at batch 32 (smallNORB 32x32, float32, jemalloc): peak RSS of a training step
-3.2 GB, from 6.3 GB with the votes whole and Q kept per iteration (the readable reference: 10.3 GB).
+3.2-3.3 GB, from 6.3 GB with the votes whole and Q kept per iteration (the readable reference: 10.3 GB).
 """
 
 from __future__ import annotations
