@@ -4,13 +4,18 @@ import pytest
 import torch
 
 from capsnets.nn import RoutingCapsules, build_routing, squash
-from capsnets.nn.routing import ChildLayout, RoutingTrace
+from capsnets.nn.routing import ChildLayout, RoutingTrace, vote_passes
 from capsnets.nn.routing import dynamic_routing as routing_in_layout
+from capsnets.nn.routing.dynamic import fused_dynamic_routing
+from capsnets.nn.routing.layout import softmax_last
+
+# the two implementations of Procedure 1 (impl: reference / fused), each held to the loop reference below
+IMPLS = {"reference": routing_in_layout, "fused": fused_dynamic_routing}
 
 
-def dynamic_routing(u_hat: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def dynamic_routing(u_hat: torch.Tensor, impl: str = "reference", **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """DigitCaps case: u_hat (B, N_in, N_out, D) -> v (B, N_out, D), c (B, N_in, N_out)."""
-    v, c = routing_in_layout(u_hat[:, None, :, None], **kwargs)  # (B, 1, N_in, 1, N_out, D)
+    v, c = IMPLS[impl](u_hat[:, None, :, None], **kwargs)  # (B, 1, N_in, 1, N_out, D)
     return v[:, 0], c[:, 0, :, 0]
 
 
@@ -51,11 +56,12 @@ def slow_routing(u_hat: torch.Tensor, iterations: int) -> tuple[torch.Tensor, to
     return v_all, c_all
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("iterations", [1, 2, 3, 5])
-def test_vectorised_equals_loop(iterations):
+def test_vectorised_equals_loop(iterations, impl):
     torch.manual_seed(iterations)
     u_hat = torch.randn(3, 7, 4, 5, dtype=torch.float64)
-    v, c = dynamic_routing(u_hat, iterations=iterations)
+    v, c = dynamic_routing(u_hat, impl, iterations=iterations)
     v_ref, c_ref = slow_routing(u_hat, iterations)
     assert torch.allclose(v, v_ref, atol=1e-10)
     assert torch.allclose(c, c_ref, atol=1e-10)
@@ -95,13 +101,14 @@ def test_golden_two_iterations():
     assert torch.allclose(v[0, 1, 0], torch.zeros((), dtype=torch.float64), atol=1e-7)
 
 
-def test_detach_switch_controls_gradient_path():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_detach_switch_controls_gradient_path(impl):
     torch.manual_seed(2)
     u_hat = torch.randn(2, 5, 3, 4, dtype=torch.float64)
 
     def grad(detach: bool, iterations: int) -> torch.Tensor:
         x = u_hat.clone().requires_grad_(True)
-        v, _ = dynamic_routing(x, iterations=iterations, detach_inner=detach)
+        v, _ = dynamic_routing(x, impl, iterations=iterations, detach_inner=detach)
         (v * torch.arange(v.numel(), dtype=v.dtype).view_as(v)).sum().backward()
         return x.grad
 
@@ -154,7 +161,8 @@ def test_routing_layer_in_float64():
     assert layer(torch.randn(2, 6, 4, dtype=torch.float64)).dtype == torch.float64
 
 
-def test_conv_layout_normalises_each_child_over_every_covering_parent():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_conv_layout_normalises_each_child_over_every_covering_parent(impl):
     # dynamic routing on a convolutional layout: 1-D input of 4 positions, kernel 2, stride 1 ->
     # 3 patches; the middle children sit in 2 patches each, so their couplings span 2 x T_out parents
     torch.manual_seed(4)
@@ -162,10 +170,72 @@ def test_conv_layout_normalises_each_child_over_every_covering_parent():
     layout = ChildLayout(child_index, 4)
     u_hat = torch.randn(2, 3, 2, 1, 3, 5, dtype=torch.float64)  # (B, P=3, K=2, T_in=1, T_out=3, D)
     trace = RoutingTrace(layout)
-    v, c = routing_in_layout(u_hat, iterations=3, layout=layout, trace=trace)
+    v, c = IMPLS[impl](u_hat, iterations=3, layout=layout, trace=trace)
     assert v.shape == (2, 3, 3, 5)
     totals = layout.child_totals(c)  # (B, 4 children, 1)
     assert torch.allclose(totals, torch.ones_like(totals))
     assert torch.allclose(
         trace.assignments[0][0, 0, 1, 0], torch.full((3,), 1 / 6, dtype=torch.float64)
     )  # child 1: 2 patches
+
+
+# ParentVotes copies the predictions into the parents' layout in blocks of vote_passes.CHUNK_ELEMENTS: the default
+# (one block here), one position per block, and blocks that split an image's positions unevenly
+@pytest.mark.parametrize("chunk", [None, 1, 200])
+@pytest.mark.parametrize("detach_inner", [False, True])
+@pytest.mark.parametrize("conv", [False, True])
+def test_fused_equals_reference_in_values_gradients_and_trace(conv, detach_inner, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(5)
+    if conv:  # 4 input positions, kernel 2, stride 1: the middle children sit in 2 patches
+        layout = ChildLayout(torch.tensor([0, 1, 1, 2, 2, 3]), 4)
+        shape = (2, 3, 2, 2, 3, 5)  # (B, P, K, T_in, T_out, D)
+    else:
+        layout, shape = ChildLayout(), (3, 1, 7, 1, 4, 6)
+    # the predictions in the strides a capsule layer's einsum leaves them in (not contiguous)
+    u_hat = torch.randn(shape[2], *shape[:2], *shape[3:], dtype=torch.float64).permute(1, 2, 0, 3, 4, 5)
+    u_hat.requires_grad_(True)
+    g_v = torch.randn(shape[0], shape[1], shape[4], shape[5], dtype=torch.float64)
+    g_c = torch.randn(shape[:5], dtype=torch.float64)
+    results = {}
+    for impl, route in IMPLS.items():
+        trace = RoutingTrace(layout)
+        v, c = route(u_hat, iterations=3, detach_inner=detach_inner, layout=layout, trace=trace)
+        (grad,) = torch.autograd.grad((v * g_v).sum() + (c * g_c).sum(), u_hat)
+        results[impl] = (v, c, grad, trace)
+    (v, c, grad, trace), (v_f, c_f, grad_f, trace_f) = results["reference"], results["fused"]
+    torch.testing.assert_close(v_f, v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c_f, c, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_f, grad, rtol=1e-10, atol=1e-12)
+    assert grad_f.stride() == u_hat.stride()  # written once, in the predictions' own strides
+    assert len(trace_f.assignments) == len(trace.assignments) == 3
+    for x, y in zip(trace_f.assignments + trace_f.activations, trace.assignments + trace.activations):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_is_the_default_and_the_reference_a_setting():
+    fused = build_routing({"name": "dynamic"}, kind="vector", out_types=4, role="class")
+    reference = build_routing({"name": "dynamic", "impl": "reference"}, kind="vector", out_types=4, role="class")
+    assert (fused.impl, reference.impl) == ("fused", "reference")
+    u_hat = torch.randn(2, 1, 6, 1, 4, 3)
+    out_f, out_r = fused(u_hat), reference(u_hat)
+    torch.testing.assert_close(out_f.poses, out_r.poses)
+    torch.testing.assert_close(out_f.assignments, out_r.assignments)
+
+
+@pytest.mark.parametrize(
+    "shape,perm",
+    [((2, 1, 4, 3, 5), (0, 1, 3, 4, 2)), ((3, 6, 5), (0, 2, 1)), ((5, 7), (1, 0)), ((2, 3, 1, 4), (0, 2, 3, 1))],
+)
+def test_softmax_in_memory_order_equals_torch_softmax_over_the_last_dimension(shape, perm):
+    torch.manual_seed(6)
+    dense = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x = dense.permute(perm)  # e.g. logits kept in the parents' layout, viewed in the children's
+    ours, plain = softmax_last(x), torch.softmax(x, dim=-1)
+    torch.testing.assert_close(ours, plain, rtol=1e-14, atol=1e-15)
+    assert torch.allclose(ours.sum(dim=-1), torch.ones(()).double())
+    g = torch.randn_like(plain)
+    torch.testing.assert_close(
+        torch.autograd.grad((ours * g).sum(), dense)[0], torch.autograd.grad((plain * g).sum(), dense)[0]
+    )

@@ -1,6 +1,7 @@
 """Routing procedures: one protocol (:class:`Routing`), a registry, one file per procedure.
 
-* ``dynamic``: routing-by-agreement, Sabour et al. 2017 (vector capsules);
+* ``dynamic``: routing-by-agreement, Sabour et al. 2017 (vector capsules), ``impl: reference`` (einsums) or
+  ``impl: fused`` (the same, the predictions in the parents' layout; ``dynamic.py``);
 * ``em``: EM routing, Hinton et al. 2018 (matrix capsules), ``impl: reference`` (Procedure 1 as
   written, ``em.py``) or ``impl: fused`` (the same, with fewer passes over the votes, ``em_fused.py``);
 * ``self_attention``: Efficient-CapsNet's one-pass self-attention routing, Mazzia et al. 2021 (vector
@@ -11,13 +12,15 @@
 * ``uniform`` / ``random``: the no-routing baselines of Paik et al. 2019, fixed uniform or random
   assignments (both kinds, ``baselines.py``).
 
+The fused implementations share their vote-sized passes (``vote_passes.py``).
+
 Adding a procedure: one file here with a :class:`Routing` subclass decorated by
 ``@register_routing(name, kinds=...)``, its import below, and ``conf/model/routing/<name>.yaml``. Its settings are
 keyword arguments of its constructor, annotated with their rules (``PositiveFloat``, ``Literal[...]``; see
 :mod:`capsnets.schema`) and checked by ``@checked(routing_key)``: at compose time and when built, one rule each.
 """
 
-from capsnets.nn.routing import baselines, dynamic, em, em_fused, inverted, self_attention, vb  # noqa: F401
+from capsnets.nn.routing import baselines, dynamic, em, em_fused, inverted, self_attention, vb, vote_passes  # noqa: F401
 from capsnets.nn.routing.base import (
     KINDS,
     ROUTINGS,
@@ -34,7 +37,7 @@ from capsnets.nn.routing.base import (
     routing_names,
 )
 from capsnets.nn.routing.baselines import AssignmentBaseline, RandomRouting, UniformRouting
-from capsnets.nn.routing.dynamic import DynamicRouting, dynamic_routing
+from capsnets.nn.routing.dynamic import DynamicRouting, FusedDynamicRouting, dynamic_routing, fused_dynamic_routing
 from capsnets.nn.routing.em import EMRouting, EMRoutingBase, em_routing, inverse_temperatures
 from capsnets.nn.routing.em_fused import FusedEMRouting, fused_em_routing
 from capsnets.nn.routing.inverted import InvertedDotProductRouting
@@ -51,6 +54,7 @@ __all__ = [
     "DynamicRouting",
     "EMRouting",
     "EMRoutingBase",
+    "FusedDynamicRouting",
     "FusedEMRouting",
     "InvertedDotProductRouting",
     "RandomRouting",
@@ -66,6 +70,7 @@ __all__ = [
     "child_assignment_stats",
     "dynamic_routing",
     "em_routing",
+    "fused_dynamic_routing",
     "fused_em_routing",
     "inverse_temperatures",
     "recording",

@@ -51,141 +51,27 @@ import torch.nn.functional as F
 from capsnets.nn.routing.base import RoutingResult, RoutingTrace, VoteFactors, Votes, register_routing
 from capsnets.nn.routing.em import PAPER, EMRoutingBase, EMVariant, activation_logits, smoothed_mean
 from capsnets.nn.routing.layout import ChildLayout
+from capsnets.nn.routing.vote_passes import (
+    ParentVotes,
+    VoteSum,
+    centred_votes,
+    first_order_only,
+    flat_position_chunks,
+    parent_chunks,
+    vote_gradient_blocks,
+)
 
 STATS = torch.float64  # the per-parent statistics' dtype
-# vote-sized work runs in blocks of about this many elements (8 MB in float32), so that what a block
-# forms (Q, a vote gradient) is read back from cache, and no vote-sized temporary is ever allocated
-CHUNK_ELEMENTS = 1 << 21
 # forming votes from their factors (FactorVotes) works in bigger blocks, FACTOR_BLOCKS x CHUNK_ELEMENTS elements
-# (em_caps: about 3 images of ConvCaps1): its backward accumulates dL/dW once per block, a bmm whose inner dimension
-# is the block's positions, and blocks of CHUNK_ELEMENTS made that pass 2x slower (measured)
+# (vote_passes.CHUNK_ELEMENTS; em_caps: about 3 images of ConvCaps1): its backward accumulates dL/dW once per block,
+# a bmm whose inner dimension is the block's positions, and blocks of CHUNK_ELEMENTS made that pass 2x slower
+# (measured)
 FACTOR_BLOCKS = 8
-
-
-def parent_chunks(parents: int, per_parent: int) -> list[slice]:
-    """Consecutive ranges of ``parents`` (G) whose votes hold about ``CHUNK_ELEMENTS`` elements."""
-    step = max(1, CHUNK_ELEMENTS // per_parent)
-    return [slice(g, min(parents, g + step)) for g in range(0, parents, step)]
-
-
-def position_chunks(b: int, p: int, per_position: int) -> list[tuple[int, slice]]:
-    """(image, range of positions) blocks of about ``CHUNK_ELEMENTS`` vote elements (at most one image), in the
-    parents' order."""
-    step = max(1, CHUNK_ELEMENTS // per_position)
-    return [(i, slice(q, min(p, q + step))) for i in range(b) for q in range(0, p, step)]
-
-
-def flat_position_chunks(positions: int, per_position: int, blocks: int) -> list[slice]:
-    """Ranges of the B * P (image, position) pairs, in the parents' order, of about ``blocks * CHUNK_ELEMENTS`` vote
-    elements each."""
-    step = max(1, blocks * CHUNK_ELEMENTS // per_position)
-    return [slice(q, min(positions, q + step)) for q in range(0, positions, step)]
 
 
 def squares(U: torch.Tensor, c: torch.Tensor, rows: slice) -> torch.Tensor:
     """``Q = (U - c)^2`` for the parents ``rows``: (g, N, D), formed block by block, never for all parents."""
     return (U[rows] - c[rows, None]).square_()
-
-
-def first_order_only(backward):
-    """Backward of a custom Function that has no derivative of its own: computes under no_grad and refuses
-    ``create_graph=True`` (second derivatives, e.g. gradient penalties) instead of silently dropping terms."""
-
-    def checked(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "EM routing impl=fused has no second derivatives (create_graph=True, e.g. a gradient penalty "
-                "through routing): use model.routing.impl=reference, plain autograd, which has them"
-            )
-        with torch.no_grad():
-            return backward(ctx, *grads)
-
-    checked.__name__, checked.__doc__ = backward.__name__, backward.__doc__
-    return checked
-
-
-def vote_tokens(U: torch.Tensor, plain: int, scaled: int) -> list[torch.Tensor]:
-    """Distinct (G, N) and (G, D) zero tokens, a pair for each use of U (shared ones would sum factors before the
-    product); their gradients are the factors of dL/dU (:class:`ParentVotes`)."""
-    return [U.new_zeros(()).expand(U.shape[0], U.shape[1 + i % 2]) for i in range(2 * (plain + scaled))]
-
-
-def centred_votes(ctx, U: torch.Tensor, c0: torch.Tensor, plain: int, scaled: int, *saved: torch.Tensor):
-    """The outputs of :class:`ParentVotes` / :class:`FactorVotes` from U (..., T_out, K, T_in, D) and its centres c0
-    (..., T_out, 1, 1, D): U as (G, N, D), c0 as (G, D) in the statistics' dtype, and the tokens of the uses; U (and
-    ``saved``) kept for the backward pass."""
-    d = U.shape[-1]
-    U = U.view(-1, U.shape[-3] * U.shape[-2], d)  # (G, N, D)
-    c0 = c0.to(STATS).view(-1, d)
-    ctx.save_for_backward(U, *saved)
-    ctx.plain = plain
-    ctx.mark_non_differentiable(U, c0)
-    return (U, c0, *vote_tokens(U, plain, scaled))
-
-
-def vote_gradient_blocks(ctx, token_grads, ranges: list[slice], t_out: int):
-    """The blocks of dL/dU from the uses' token gradients (:class:`ParentVotes`): for each range of (image,
-    position) pairs in ``ranges`` (flat, in the parents' order) yields dU (positions * T_out, N, D) in the parents'
-    layout, formed one block at a time; nothing if no use has a gradient."""
-    (U,) = ctx.saved_tensors[:1]
-    pairs = list(zip(token_grads[::2], token_grads[1::2]))
-    plain = [pair for pair in pairs[: ctx.plain] if pair[0] is not None]
-    scaled = [pair for pair in pairs[ctx.plain :] if pair[0] is not None]
-    if not plain and not scaled:
-        return
-
-    def product(pairs, rows):  # sum over the uses of left x right for the parents rows, (g, N, D)
-        left = torch.stack([left[rows] for left, _ in pairs], dim=1)  # (g, uses, N)
-        right = torch.stack([right[rows] for _, right in pairs], dim=1)  # (g, uses, D)
-        return torch.bmm(left.transpose(1, 2), right)
-
-    for positions in ranges:
-        rows = slice(positions.start * t_out, positions.stop * t_out)
-        dU = product(plain, rows) if plain else None
-        if scaled:
-            factor = product(scaled, rows)
-            dU = factor.mul_(U[rows]) if dU is None else dU.addcmul_(U[rows], factor)
-        yield dU
-
-
-class ParentVotes(torch.autograd.Function):
-    """``U = V - c0`` (G, N, D) in ``dtype``: the votes copied once into the parents' layout, ``c0`` (G, D) the
-    plain mean of each parent's votes (a constant, no gradient).
-
-    Every later use of U (directly, or through ``Q = (U - c)^2``) is a contraction with a small operand, whose
-    gradient with respect to U is ``left (G, N) x right (G, D)``, or for Q ``2 (U - c) * (left x right)``
-    ``= U * (left x 2 right) + left x (-2 c right)``. Each use hands its factors back as the gradients of its
-    ``tokens``: ``plain`` pairs (their products sum) and ``scaled`` pairs (their products sum, times U), and
-    the backward here forms dL/dU block by block (never whole) and writes dL/dV once, in V's own strides.
-    """
-
-    @staticmethod
-    def forward(ctx, V: torch.Tensor, plain: int, scaled: int, dtype: torch.dtype):  # type: ignore[override]
-        b, p, k, t_in, t_out, d = V.shape
-        ctx.set_materialize_grads(False)  # U and c0 get no gradient: never allocate zeros for them
-        V_par = V.permute(0, 1, 4, 2, 3, 5)  # (B, P, T_out, K, T_in, D), a view
-        U = V.new_empty(b, p, t_out, k, t_in, d, dtype=dtype)
-        c0 = V.new_empty(b, p, t_out, 1, 1, d, dtype=dtype)  # the plain mean of each parent's votes: U's centre
-        for i, ps in position_chunks(b, p, t_out * k * t_in * d):  # one read of V from memory
-            block = V_par[i, ps] if dtype == V.dtype else V_par[i, ps].to(dtype)
-            torch.mean(block, dim=(2, 3), keepdim=True, out=c0[i, ps])
-            torch.sub(block, c0[i, ps], out=U[i, ps])  # centres, lays out
-        ctx.layout = torch.empty_like(V, device="meta")  # V's shape, strides and dtype, without keeping V alive
-        return centred_votes(ctx, U, c0, plain, scaled)
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, _dU, _dc0, *token_grads):  # type: ignore[override]
-        layout = ctx.layout
-        b, p, k, t_in, t_out, d = layout.shape
-        dV = None
-        blocks = position_chunks(b, p, t_out * k * t_in * d)
-        ranges = [slice(i * p + ps.start, i * p + ps.stop) for i, ps in blocks]
-        for (i, ps), dU in zip(blocks, vote_gradient_blocks(ctx, token_grads, ranges, t_out)):
-            if dV is None:  # V's own strides, so that the backward of the vote einsum needs no copy
-                dV = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=dU.device)
-            dV.permute(0, 1, 4, 2, 3, 5)[i, ps].copy_(dU.view(-1, t_out, k, t_in, d))
-        return dV, None, None, None
 
 
 class FactorVotes(torch.autograd.Function):
@@ -256,23 +142,6 @@ class FactorVotes(torch.autograd.Function):
         if d_weight is not None:
             d_weight = d_weight.view(k, t_in, c, t_out, d).permute(0, 1, 3, 2, 4).to(weight.dtype)
         return d_pose, d_weight, d_offset, None, None, None
-
-
-class VoteSum(torch.autograd.Function):
-    """M-step mean ``S[g] = sum_n w[g, n] U[g, n]``: (G, N) -> (G, D); one plain token pair."""
-
-    @staticmethod
-    def forward(ctx, U: torch.Tensor, token_n: torch.Tensor, token_d: torch.Tensor, w: torch.Tensor):  # type: ignore[override]
-        ctx.save_for_backward(U, w)
-        return torch.bmm(w.unsqueeze(1), U).squeeze(1)  # (G, 1, N) @ (G, N, D) -> (G, D)
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, dS):  # type: ignore[override]
-        U, w = ctx.saved_tensors
-        # (G, 1, D) @ (G, D, N): reads U faster than (G, N, D) @ (G, D, 1)
-        dw = torch.bmm(dS.unsqueeze(1), U.transpose(1, 2)).squeeze(1) if ctx.needs_input_grad[3] else None
-        return None, w, dS, dw  # dL/dU = w x dS
 
 
 class SquareSum(torch.autograd.Function):
@@ -465,6 +334,7 @@ def fused_em_routing(
         U, c0, *tokens = FactorVotes.apply(V.pose, V.weight, V.offset, *uses)
     else:
         U, c0, *tokens = ParentVotes.apply(V, *uses)
+    c0 = c0.to(STATS)  # (G, D)
     plain, scaled = tokens[: 2 * (3 * iterations - 1)], tokens[2 * (3 * iterations - 1) :]
     a_in = a_in[:, :, None]  # (B, P, 1, K, T_in), broadcast over R's T_out
     R = layout.initial(torch.Size((b, p, k, t_in, t_out)), like=a_in, over=normalisation).permute(0, 1, 4, 2, 3)
