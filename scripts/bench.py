@@ -12,8 +12,8 @@ measured of the machine itself and of a reference:
   (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU); the share of the step spent in routing (forward +
   backward of every routing layer on the inputs it received); training GFLOP/s (3 x the forward FLOPs counted
   by ``torch.utils.flop_counter``) as a share of the matmul ceiling; and for routings with a faster
-  implementation, the readable reference procedure (``impl: reference``) timed on the same inputs, with its
-  own peak memory;
+  implementation (dynamic and EM routing), the readable reference procedure (``impl: reference``) timed on the
+  same inputs, with its own peak memory;
 * the user's path: images/s through ``train.py`` (Lightning loop, DataModule, callbacks) on ``data=synthetic``
   of the same shape, against the bare step (target: within 10%);
 * the allocator: the bench runs under the one ``train.py`` uses (``capsnets.utils.allocator``: jemalloc keeping
@@ -162,9 +162,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_module(case: Case, extra: list[str]):
+def case_config(case: Case, extra: list[str]):
+    """The composed training config of ``case`` (``data=synthetic`` of the case's shape)."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
     from capsnets.utils.resolvers import CONFIG_DIR
 
@@ -177,8 +177,22 @@ def build_module(case: Case, extra: list[str]):
         *extra,
     ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    return instantiate(cfg.model, _convert_="all")
+        return compose(config_name="train", overrides=overrides)
+
+
+def build_module(case: Case, extra: list[str]):
+    from hydra.utils import instantiate
+
+    return instantiate(case_config(case, extra).model, _convert_="all")
+
+
+def has_reference(case: Case) -> bool:
+    """Whether the case's routing runs a faster implementation than its readable ``impl: reference``, which is
+    then timed on the same inputs."""
+    from capsnets.nn.routing.base import DEFAULT_IMPLS, ROUTINGS
+
+    name = case_config(case, []).model.routing.name
+    return "reference" in ROUTINGS.get(name, {}) and DEFAULT_IMPLS[name] != "reference"
 
 
 def measure_case(case: Case, *, impl: str | None, precision: str, device: str, steps: int, warmup: int) -> dict:
@@ -419,7 +433,6 @@ def main() -> None:
         return
     import torch
 
-    from capsnets.nn.routing import ROUTINGS
     from capsnets.utils.allocator import loaded_allocator
 
     pool = ROUTING_CASES if args.routings else CASES
@@ -427,7 +440,6 @@ def main() -> None:
     if not cases:
         parser.error(f"no such case; cases: {', '.join(c.name for c in pool)}")
     precisions = ["fp32"] + ([] if args.routings or args.no_bf16 or not native_bf16(args.device) else ["bf16"])
-    faster_impls = any(len(impls) > 1 for impls in ROUTINGS.values())
     report = {
         "time": datetime.now().isoformat(timespec="seconds"),
         "device": args.device,
@@ -445,7 +457,7 @@ def main() -> None:
         for precision in precisions:
             # the variants of this case, each measured args.repeats times in turn (A B C A B C ...), medians
             variants = {"default": dict(impl=None)}
-            if case.model.startswith("em_") and faster_impls and not args.routings:
+            if not args.routings and has_reference(case):
                 variants["reference"] = dict(impl="reference")
             if precision == "fp32" and report["allocator"] == "jemalloc" and not args.no_system_malloc:
                 variants["system"] = dict(impl=None, system_malloc=True)

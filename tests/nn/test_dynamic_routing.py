@@ -179,9 +179,10 @@ def test_conv_layout_normalises_each_child_over_every_covering_parent(impl):
     )  # child 1: 2 patches
 
 
-# ParentVotes copies the predictions into the parents' layout in blocks of vote_passes.CHUNK_ELEMENTS: the default
-# (one block here), one position per block, and blocks that split an image's positions unevenly
-@pytest.mark.parametrize("chunk", [None, 1, 200])
+# ParentVotes copies the predictions into the parents' layout in blocks of about vote_passes.CHUNK_ELEMENTS: the
+# default (all images in one block here), one position per block (1, 100), one image per block (200), and two
+# images per block with a last block of one (400; an image holds 168 / 180 elements in the two cases)
+@pytest.mark.parametrize("chunk", [None, 1, 100, 200, 400])
 @pytest.mark.parametrize("detach_inner", [False, True])
 @pytest.mark.parametrize("conv", [False, True])
 def test_fused_equals_reference_in_values_gradients_and_trace(conv, detach_inner, chunk, monkeypatch):

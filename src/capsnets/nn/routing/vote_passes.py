@@ -29,11 +29,15 @@ def parent_chunks(parents: int, per_parent: int) -> list[slice]:
     return [slice(g, min(parents, g + step)) for g in range(0, parents, step)]
 
 
-def position_chunks(b: int, p: int, per_position: int) -> list[tuple[int, slice]]:
-    """(image, range of positions) blocks of about ``CHUNK_ELEMENTS`` vote elements (at most one image), in the
-    parents' order."""
+def position_chunks(b: int, p: int, per_position: int) -> list[tuple[slice, slice]]:
+    """(range of images, range of positions) blocks of about ``CHUNK_ELEMENTS`` vote elements, in the parents'
+    order: whole images where one holds fewer (dr_caps' DigitCaps: ~11 images a block at 184K elements each), else
+    ranges of one image's positions."""
+    if p * per_position <= CHUNK_ELEMENTS:
+        images = max(1, CHUNK_ELEMENTS // (p * per_position))
+        return [(slice(i, min(b, i + images)), slice(0, p)) for i in range(0, b, images)]
     step = max(1, CHUNK_ELEMENTS // per_position)
-    return [(i, slice(q, min(p, q + step))) for i in range(b) for q in range(0, p, step)]
+    return [(slice(i, i + 1), slice(q, min(p, q + step))) for i in range(b) for q in range(0, p, step)]
 
 
 def flat_position_chunks(positions: int, per_position: int, blocks: int) -> list[slice]:
@@ -122,13 +126,13 @@ class ParentVotes(torch.autograd.Function):
         V_par = V.permute(0, 1, 4, 2, 3, 5)  # (B, P, T_out, K, T_in, D), a view
         U = V.new_empty(b, p, t_out, k, t_in, d, dtype=dtype)
         c0 = V.new_zeros(b, p, t_out, 1, 1, d, dtype=dtype)  # the plain mean of each parent's votes: U's centre
-        for i, ps in position_chunks(b, p, t_out * k * t_in * d):  # one read of V from memory
-            block = V_par[i, ps] if dtype == V.dtype else V_par[i, ps].to(dtype)
+        for images, ps in position_chunks(b, p, t_out * k * t_in * d):  # one read of V from memory
+            block = V_par[images, ps] if dtype == V.dtype else V_par[images, ps].to(dtype)
             if centre:
-                torch.mean(block, dim=(2, 3), keepdim=True, out=c0[i, ps])
-                torch.sub(block, c0[i, ps], out=U[i, ps])  # centres, lays out
+                torch.mean(block, dim=(3, 4), keepdim=True, out=c0[images, ps])
+                torch.sub(block, c0[images, ps], out=U[images, ps])  # centres, lays out
             else:
-                U[i, ps].copy_(block)  # lays out
+                U[images, ps].copy_(block)  # lays out
         ctx.layout = torch.empty_like(V, device="meta")  # V's shape, strides and dtype, without keeping V alive
         return centred_votes(ctx, U, c0, plain, scaled)
 
@@ -139,11 +143,13 @@ class ParentVotes(torch.autograd.Function):
         b, p, k, t_in, t_out, d = layout.shape
         dV = None
         blocks = position_chunks(b, p, t_out * k * t_in * d)
-        ranges = [slice(i * p + ps.start, i * p + ps.stop) for i, ps in blocks]
-        for (i, ps), dU in zip(blocks, vote_gradient_blocks(ctx, token_grads, ranges, t_out)):
+        # the same blocks as flat ranges of (image, position) pairs: whole images, or positions within one image
+        ranges = [slice(images.start * p + ps.start, (images.stop - 1) * p + ps.stop) for images, ps in blocks]
+        for (images, ps), dU in zip(blocks, vote_gradient_blocks(ctx, token_grads, ranges, t_out)):
             if dV is None:  # V's own strides, so that the backward of the vote einsum needs no copy
                 dV = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=dU.device)
-            dV.permute(0, 1, 4, 2, 3, 5)[i, ps].copy_(dU.view(-1, t_out, k, t_in, d))
+            n_images, n_positions = images.stop - images.start, ps.stop - ps.start
+            dV.permute(0, 1, 4, 2, 3, 5)[images, ps].copy_(dU.view(n_images, n_positions, t_out, k, t_in, d))
         return dV, None, None, None, None
 
 
