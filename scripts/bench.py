@@ -11,9 +11,10 @@ measured of the machine itself and of a reference:
   optimiser step of the LightningModule's network and loss) and inference, in images/s (medians); peak memory
   (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU); the share of the step spent in routing (forward +
   backward of every routing layer on the inputs it received); training GFLOP/s (3 x the forward FLOPs counted
-  by ``torch.utils.flop_counter``) as a share of the matmul ceiling; and for routings with a faster
-  implementation (dynamic and EM routing), the readable reference procedure (``impl: reference``) timed on the
-  same inputs, with its own peak memory;
+  by ``torch.utils.flop_counter``) as a share of the matmul ceiling of its precision, probed again in the case's
+  own process right after its timings (on a shared machine the first probe can be a neighbour's load away); and
+  for routings with a faster implementation (dynamic and EM routing), the readable reference procedure
+  (``impl: reference``) timed on the same inputs, with its own peak memory;
 * the user's path: images/s through ``train.py`` (Lightning loop, DataModule, callbacks) on ``data=synthetic``
   of the same shape, against the bare step (target: within 10%);
 * the allocator: the bench runs under the one ``train.py`` uses (``capsnets.utils.allocator``: jemalloc keeping
@@ -125,17 +126,23 @@ def median_seconds(fn, *, steps: int, warmup: int, device: str) -> float:
     return statistics.median(timed(fn, steps=steps, warmup=warmup, device=torch.device(device)))
 
 
+def matmul_gflops(precision: str, device: str) -> float:
+    """GFLOP/s of a 2048^3 matrix product in ``precision`` (fp32/float32 or bf16), median of 5."""
+    import torch
+
+    n = 2048
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = median_seconds(lambda: torch.mm(a, b), steps=5, warmup=2, device=device)
+    return 2 * n**3 / seconds / 1e9
+
+
 def probe_machine(device: str) -> dict:
     """Matmul GFLOP/s (float32, bf16) and memory bandwidth (GB/s, bytes read + written by a copy)."""
     import torch
 
-    n = 2048
-    result = {}
-    for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        seconds = median_seconds(lambda a=a, b=b: torch.mm(a, b), steps=5, warmup=2, device=device)
-        result[f"matmul_{name}_gflops"] = 2 * n**3 / seconds / 1e9
+    result = {f"matmul_{name}_gflops": matmul_gflops(name, device) for name in ("float32", "bf16")}
     src = torch.empty(128 * 2**20, device=device)  # 512 MB of float32
     src.fill_(1.0)
     dst = torch.empty_like(src)
@@ -242,6 +249,9 @@ def measure_case(case: Case, *, impl: str | None, precision: str, device: str, s
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = peak_rss_mb()
+    # the matmul ceiling of this precision probed again here, right after the case's timings: on a shared machine
+    # the one probed at the start can be minutes and a neighbour's load away (measured: 173 then 101 GFLOP/s)
+    ceiling = matmul_gflops(precision, device)
     return {
         "case": case.name,
         "impl": impl or "default",
@@ -252,6 +262,7 @@ def measure_case(case: Case, *, impl: str | None, precision: str, device: str, s
         "routing_share": routing_s / step_s,
         "routing_layers_timed": len(captured),  # 0: routing outside the seam (ida_caps' concurrent rounds)
         "train_gflops": 3 * forward_flops / step_s / 1e9,
+        "matmul_ceiling_gflops": ceiling,
         "forward_gflop_per_image": forward_flops / batch / 1e9,
         "peak_memory_mb": peak,
         "baseline_rss_mb": baseline if device == "cpu" else 0.0,
@@ -348,13 +359,17 @@ def table(report: dict) -> str:
         f"machine: float32 matmul {machine['matmul_float32_gflops']:.0f} GFLOP/s, bf16 "
         f"{machine['matmul_bf16_gflops']:.0f} GFLOP/s, memory {machine['memory_gb_per_s']:.1f} GB/s",
         "",
-        "| case | precision | train img/s | infer img/s | routing share | train GFLOP/s (% of matmul ceiling) "
+        "| case | precision | train img/s | infer img/s | routing share | train GFLOP/s (% of the matmul ceiling "
+        "probed with it) "
         "| peak MB | reference img/s | speed-up vs reference | memory vs reference | train.py img/s (vs bare) "
         "| system malloc img/s (jemalloc's gain) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
-        ceiling = machine[f"matmul_{'bf16' if row['precision'] == 'bf16' else 'float32'}_gflops"]
+        ceiling = (
+            row.get("matmul_ceiling_gflops")
+            or machine[f"matmul_{'bf16' if row['precision'] == 'bf16' else 'float32'}_gflops"]
+        )
         ref = row.get("reference")
         user = row.get("user_path_images_per_s")
         system = row.get("system_malloc_images_per_s")

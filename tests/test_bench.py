@@ -74,6 +74,7 @@ def test_bench_reports_every_figure_of_a_case(tmp_path):
         assert row["precision"] == "fp32" and row["train_images_per_s"] > 0 and row["inference_images_per_s"] > 0
         assert row["routing_share"] > 0 and row["peak_memory_mb"] > row["baseline_rss_mb"] > 0
         assert row["user_path_images_per_s"] > 0  # through train.py
+        assert row["matmul_ceiling_gflops"] > 0  # probed in the case's own process, next to its timings
     # the bench runs under train.py's allocator, and under jemalloc also times the system's malloc
     allocator = "jemalloc" if find_jemalloc(os.environ) else "system"
     assert report["allocator"] == allocator and {row["allocator"] for row in rows.values()} == {allocator}

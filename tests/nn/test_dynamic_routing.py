@@ -240,3 +240,14 @@ def test_softmax_in_memory_order_equals_torch_softmax_over_the_last_dimension(sh
     torch.testing.assert_close(
         torch.autograd.grad((ours * g).sum(), dense)[0], torch.autograd.grad((plain * g).sum(), dense)[0]
     )
+
+
+def test_fused_refuses_second_derivatives_naming_the_reference_which_computes_them():
+    torch.manual_seed(7)
+    u_hat = torch.randn(2, 1, 5, 1, 3, 4, dtype=torch.float64, requires_grad=True)
+    v, _ = fused_dynamic_routing(u_hat, iterations=2)
+    with pytest.raises(RuntimeError, match="impl=reference"):
+        torch.autograd.grad(v.sum(), u_hat, create_graph=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x: routing_in_layout(x, iterations=2)[0], (u_hat,), fast_mode=True
+    )  # a gradient penalty through routing: impl: reference

@@ -276,12 +276,15 @@ def e_step(
     # sum_h (U - c - delta)^2 / sigma^2 = sum_h Q / sigma^2 + sum_h U f1 + sum_h (2 c delta + delta^2) / sigma^2
     f1 = (-2.0 * delta * inv_var).view(b * p * t_out, -1)
     f2 = inv_var.view(b * p * t_out, -1)
-    q = PoseSum.apply(U, c, *tokens, f1.to(U.dtype), f2.to(U.dtype)).to(STATS).view(b, p, t_out, k, -1)
+    q = PoseSum.apply(U, c, *tokens, f1.to(U.dtype), f2.to(U.dtype)).view(b, p, t_out, k, -1)  # in U's dtype
     c = c.to(STATS).view_as(delta)
-    # log p_ij = sum_h log N(V_ij^h; mu_j^h, sigma_j^h); the parent's terms broadcast over its children
+    # log p_ij = sum_h log N(V_ij^h; mu_j^h, sigma_j^h) = -0.5 (q_ij + the parent's terms)
     per_parent = ((2 * c + delta) * delta * inv_var + torch.log(2 * math.pi * sigma_sq)).sum(dim=-1)  # (B, P, T_out)
-    log_p = -0.5 * (q + per_parent[..., None, None])
-    log_a_p = F.logsigmoid(logits)[..., None, None] + log_p  # (B, P, T_out, K, T_in)
+    # log a_j + log p_ij: the parent's terms first, then q added in one pass over the (parent, child) pairs (in
+    # STATS: q is widened as it is read)
+    log_a_p = torch.add(
+        (F.logsigmoid(logits) - 0.5 * per_parent)[..., None, None], q, alpha=-0.5
+    )  # (B, P, T_out, K, T_in)
     # normalised over each child's parents in the routing layout (a permuted view: no copy)
     return layout.softmax(log_a_p.permute(0, 1, 3, 4, 2), over=normalisation).permute(0, 1, 4, 2, 3)
 
