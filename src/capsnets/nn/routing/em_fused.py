@@ -28,16 +28,17 @@ parent without data):
 constant; nothing vote-sized is formed per E-step.
 
 Per-parent statistics (means, variances, activations, assignments: at most 1/D of the votes' size) are
-kept in float64 whatever ``moment_dtype`` is, so only the vote-sized tensors run in ``moment_dtype``.
-The custom autograd functions below make the backward pass write the vote gradient once; they form
-``2 (U - c) x`` as ``U x - c x``, so float32 gradients of votes in a tight cluster far from c0 carry
-about the error a plain float32 run of the reference has (~5e-4 relative on the tight-cluster test case;
-float64 moments are exact).
+kept in float64 whatever ``moment_dtype`` is, so only the vote-sized tensors run in ``moment_dtype`` (float32
+statistics were tried: the assignments then differ from float64 by up to 1.4e-4, measured).
+The custom autograd functions below and in :mod:`~capsnets.nn.routing.vote_passes` make the backward pass
+write the vote gradient once; they form ``2 (U - c) x`` as ``U x - c x``, so float32 gradients of votes in a
+tight cluster far from c0 carry about the error a plain float32 run of the reference has (~5e-4 relative on
+the tight-cluster test case; float64 moments are exact).
 
 **Memory.** U is the only vote-sized tensor kept for the backward pass: every use of Q forms it block by
-block (``CHUNK_ELEMENTS``), in the forward and again in the backward pass, and the vote gradient is formed
-block by block too. em_caps at batch 32 (smallNORB 32x32, float32, jemalloc): peak RSS of a training step
-3.2-3.3 GB, from 6.3 GB with the votes whole and Q kept per iteration (the readable reference: 10.3 GB).
+block (``vote_passes.CHUNK_ELEMENTS``), in the forward and again in the backward pass, and the vote gradient is
+formed block by block too. em_caps at batch 32 (smallNORB 32x32, float32, jemalloc): peak RSS of a training step
+3.2-3.4 GB, from 6.3 GB with the votes whole and Q kept per iteration (the readable reference: 10.3 GB).
 """
 
 from __future__ import annotations
