@@ -250,7 +250,8 @@ def measure_case(case: Case, *, impl: str | None, precision: str, device: str, s
     else:
         peak = peak_rss_mb()
     # the matmul ceiling of this precision probed again here, right after the case's timings: on a shared machine
-    # the one probed at the start can be minutes and a neighbour's load away (measured: 173 then 101 GFLOP/s)
+    # the one probed at the start can be minutes and a neighbour's load away (measured: start-of-run float32 probes
+    # of 173 and 101 GFLOP/s half an hour apart; per-case probes of 147-170 in the run after)
     ceiling = matmul_gflops(precision, device)
     return {
         "case": case.name,
