@@ -275,3 +275,79 @@ def test_every_curve_of_a_plot_has_its_own_colour_and_line_style(n):
     assert len(styles) == n and len(set(styles)) == n
     if n <= 10:  # matplotlib's default colours, solid, as a plain plot of a few curves
         assert all(linestyle == "-" for _, linestyle in styles)
+
+
+# --- several sweep folders summarised as one --------------------------------------------------
+
+
+def seed_sweeps(root: Path) -> tuple[Path, Path]:
+    """Seeds 1-2 of two configurations in one sweep folder, seed 3 in another (as run on a CPU, a seed a day),
+    each job with a learning curve."""
+    accs = {DR: [0.81, 0.83, 0.86], DR_FASHION: [0.70, 0.74, 0.71]}
+    first, second = root / "seeds12", root / "seed3"
+    for folder, seeds in ((first, (1, 2)), (second, (3,))):
+        num = 0
+        for config, values in accs.items():
+            for seed in seeds:
+                acc = values[seed - 1]
+                curve = [{"samples": 1000, "acc": acc - 0.1}, {"samples": 2000, "acc": acc}]
+                write_job(folder, num, [*config, f"seed={seed}"], {"test/acc": acc}, seed=seed, curve=curve)
+                num += 1
+    return first, second
+
+
+def test_several_sweep_folders_are_summarised_as_one(tmp_path: Path) -> None:
+    first, second = seed_sweeps(tmp_path)
+    result = summarize.summarize([first, second])
+    assert len(result.rows) == 2 and all(len(r.finished) == 3 for r in result.rows)
+    fashion = next(r for r in result.rows if "data=fashion_mnist" in r.overrides)
+    assert fashion.stats["test/acc"].mean == pytest.approx(np.mean([0.70, 0.74, 0.71]))
+    assert fashion.stats["test/acc"].std == pytest.approx(np.std([0.70, 0.74, 0.71], ddof=1))
+    assert sorted(fashion.seeds) == [1, 2, 3]
+    curve = next(c for c in summarize.curves(result) if c.label == fashion.label)
+    assert curve.stats[0].n == 3 and curve.stats[0].mean == pytest.approx(np.mean([0.60, 0.64, 0.61]))
+    # one folder alone: two seeds
+    assert [len(r.finished) for r in summarize.summarize(first).rows] == [2, 2]
+    out = tmp_path / "together"
+    proc = run_cli(SCRIPT, str(first), str(second), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert {"summary.md", "summary.csv", "summary.png", "curves.md", "curves.csv", "curves.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert f"`{first}`, `{second}`: 6 of 6 jobs finished" in (out / "summary.md").read_text()
+    assert not (first / "summary.md").exists() and not (second / "summary.md").exists()
+
+
+def test_a_rerun_of_a_crashed_job_replaces_it_and_a_job_finished_twice_is_refused(tmp_path: Path) -> None:
+    first, second = seed_sweeps(tmp_path)
+    (first / "1" / "metrics.json").unlink()  # model=dr_caps seed=2 crashed in the first sweep ...
+    rerun = tmp_path / "rerun"
+    write_job(rerun, 0, [*DR, "seed=2"], {"test/acc": 0.84}, seed=2)  # ... and was rerun in a sweep of its own
+    result = summarize.summarize([first, second, rerun])
+    dr = next(r for r in result.rows if "data=fashion_mnist" not in r.overrides)
+    assert len(dr.finished) == 3 and not dr.missing
+    assert dr.stats["test/acc"].mean == pytest.approx(np.mean([0.81, 0.84, 0.86]))
+    assert any("rerun/0/ reran seeds12/1/" in w for w in result.warnings)
+    assert not any("no metrics.json (crashed or still running)" in w for w in result.warnings)
+    # the same overrides finished in two folders: the seed would count twice
+    write_job(tmp_path / "again", 0, [*DR, "seed=3"], {"test/acc": 0.5}, seed=3)
+    proc = run_cli(SCRIPT, str(first), str(second), str(tmp_path / "again"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert "seed3/0/ and again/0/ both finished with the same overrides" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["twice", "no_out"])
+def test_several_sweep_folders_errors(tmp_path: Path, case: str) -> None:
+    first, second = seed_sweeps(tmp_path)
+    if case == "twice":
+        args = [str(first), str(tmp_path / "." / "seeds12"), "--out", str(tmp_path / "o")]
+        expected = "is given twice"
+    else:
+        args = [str(first), str(second)]
+        expected = "pass --out DIR"
+    proc = run_cli(SCRIPT, *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert not (first / "summary.md").exists() and not (tmp_path / "o").exists()

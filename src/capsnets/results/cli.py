@@ -52,22 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
             "main metric with std error bars and the paper target as a marker; a line over the value "
             "when the configurations differ in exactly one numeric override). The table is also "
             "printed; jobs without metrics.json (crashed or still running) are counted per row and "
-            "named in a warning."
+            "named in a warning. Several SWEEP_DIRs are summarised as one sweep (seeds run as separate "
+            "sweeps): a job that ran the same overrides in two of them counts once, a finished rerun "
+            "replacing a crashed job."
         ),
         epilog=(
-            "Exit codes: 0 done; 2 SWEEP_DIR missing, not a multirun folder, no finished job, or an "
-            "unknown --metric.  Examples:  capsnets-summarize outputs/sabour2017_table1/multiruns/<date>_<time>;  "
-            "capsnets-summarize SWEEP_DIR --metric val/acc --ignore trainer --out results/"
+            "Exit codes: 0 done; 2 SWEEP_DIR missing, not a multirun folder, given twice, no finished job, "
+            "an unknown --metric, the same job finished in two SWEEP_DIRs, or several SWEEP_DIRs without "
+            "--out.  Examples:  capsnets-summarize outputs/sabour2017_table1/multiruns/<date>_<time>;  "
+            "capsnets-summarize SWEEP_DIR --metric val/acc --ignore trainer --out results/;  "
+            "capsnets-summarize SEED1_SWEEP SEED2_SWEEP SEED3_SWEEP --out results/"
         ),
     )
     parser.add_argument(
-        "sweep_dir",
+        "sweep_dirs",
         metavar="SWEEP_DIR",
         type=Path,
-        help="Hydra multirun folder: outputs/<task_name>/multiruns/<date>_<time>",
+        nargs="+",
+        help="Hydra multirun folder: outputs/<task_name>/multiruns/<date>_<time>; several are summarised as one "
+        "sweep (e.g. seeds run as separate sweeps; a job rerun with the same overrides counts once)",
     )
     parser.add_argument(
-        "--out", metavar="DIR", type=Path, default=None, help="folder for summary.md/.csv/.png (default: SWEEP_DIR)"
+        "--out",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="folder for summary.md/.csv/.png (default: SWEEP_DIR; required with several)",
     )
     parser.add_argument(
         "--metric",
@@ -100,11 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        summary = summarize(args.sweep_dir, metrics=args.metric, ignore=args.ignore, group_by=args.group_by)
+        if len(args.sweep_dirs) > 1 and args.out is None:
+            raise SummaryError(
+                f"{len(args.sweep_dirs)} sweep folders are summarised as one: pass --out DIR for the files "
+                "(no sweep folder holds all of them)"
+            )
+        summary = summarize(args.sweep_dirs, metrics=args.metric, ignore=args.ignore, group_by=args.group_by)
     except SummaryError as err:
         print(f"capsnets-summarize: error: {err}", file=sys.stderr)
         return 2
-    out = args.out if args.out is not None else args.sweep_dir
+    out = args.out if args.out is not None else args.sweep_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     plotted = plot(summary, out / "summary.png")
     (out / "summary.md").write_text(render_markdown(summary, "summary.png" if plotted else None))

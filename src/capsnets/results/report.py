@@ -77,7 +77,8 @@ def render_markdown(summary: Summary, plot_name: str | None = "summary.png") -> 
     parts = [
         title,
         "",
-        f"`{summary.sweep_dir}`: {n_done} of {n_jobs} jobs finished, {len(summary.rows)} configurations; "
+        ", ".join(f"`{d}`" for d in summary.sweep_dirs)
+        + f": {n_done} of {n_jobs} jobs finished, {len(summary.rows)} configurations; "
         "mean ± sample std (ddof=1) over seeds"
         + (", accuracies in %" if any(map(is_fraction, summary.metrics)) else "")
         + ".",

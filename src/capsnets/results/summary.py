@@ -1,5 +1,8 @@
-"""Summarise a Hydra multirun (sweep) folder: read the jobs' ``metrics.json``, group them into
+"""Summarise Hydra multirun (sweep) folders: read the jobs' ``metrics.json``, group them into
 configurations (their overrides without ``seed=...``, so seeds are aggregated) and aggregate the metrics.
+
+Several sweep folders are summarised as one (seeds run as separate sweeps, on other machines or days, or a
+crashed job rerun in a sweep of its own); a job that ran the same overrides in two of them counts once.
 
 See :mod:`capsnets.results.record` for the ``metrics.json`` that ``train.py`` writes,
 :mod:`capsnets.results.report` for the table/CSV/plot, and ``capsnets-summarize`` (:mod:`capsnets.results.cli`).
@@ -38,6 +41,11 @@ class Job:
     overrides: list[str]
     record: dict[str, Any] | None = None  # parsed metrics.json; None while unfinished / crashed
     problem: str | None = None  # why ``record`` is None, for the warning
+    sweep: int = 0  # position of its sweep folder among those summarised (jobs are ordered by sweep, then num)
+    name: str = ""  # how messages name it: ``3/``, or ``<sweep folder>/3/`` when several sweeps are summarised
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"{self.num}/"
 
     @property
     def finished(self) -> bool:
@@ -200,13 +208,18 @@ class Row:
 class Summary:
     """Everything the outputs are made of."""
 
-    sweep_dir: Path
+    sweep_dirs: list[Path]  # the folders summarised (one sweep, or several as one)
     rows: list[Row]
     metrics: list[str]  # table columns, the main metric first
     main_metric: str
     common: list[str]  # overrides every configuration shares (left out of the row labels)
     warnings: list[str]
     task_name: str | None = None
+
+    @property
+    def sweep_dir(self) -> Path:
+        """The (first) sweep folder."""
+        return self.sweep_dirs[0]
 
     @property
     def jobs(self) -> list[Job]:
@@ -221,7 +234,7 @@ def group_jobs(jobs: Sequence[Job], ignore: Sequence[str] = (), group_by: Sequen
     """Rows of jobs with the same configuration, ordered by their first job number, labelled by the
     overrides that tell them apart (all their overrides when there is a single row)."""
     rows: dict[tuple[tuple[str, str], ...], Row] = {}
-    for job in sorted(jobs, key=lambda j: j.num):
+    for job in sorted(jobs, key=lambda j: (j.sweep, j.num)):
         overrides = config_overrides(job.overrides, ignore, group_by)
         key = tuple(sorted(parse_override(o) for o in overrides))
         rows.setdefault(key, Row(key=key, overrides=overrides)).jobs.append(job)
@@ -258,16 +271,79 @@ def choose_metrics(jobs: Sequence[Job], extra: Sequence[str]) -> list[str]:
     return metrics
 
 
+def sweep_folders(sweep_dirs: Path | str | Sequence[Path | str]) -> list[Path]:
+    """The sweep folders to summarise, as paths; raises ``SummaryError`` for none or one named twice."""
+    dirs = [Path(sweep_dirs)] if isinstance(sweep_dirs, (str, Path)) else [Path(d) for d in sweep_dirs]
+    if not dirs:
+        raise SummaryError("no sweep folder given; pass one or more multirun folders (outputs/<task>/multiruns/...)")
+    seen: dict[Path, Path] = {}
+    for folder in dirs:
+        resolved = folder.resolve()
+        if resolved in seen:
+            raise SummaryError(
+                f"{folder} is given twice (also as {seen[resolved]}); its seeds would count twice: pass it once"
+            )
+        seen[resolved] = folder
+    return dirs
+
+
+def collect_jobs(sweep_dirs: Sequence[Path]) -> tuple[list[Job], list[str]]:
+    """The jobs of every sweep folder, named by folder when there are several, and notes on reruns.
+
+    A job that ran exactly the same overrides (seed included) in two folders is one run: the finished one
+    counts and a rerun replaces a crashed or unfinished job (noted); two finished runs of the same overrides
+    raise ``SummaryError``, since their seed would count twice.
+    """
+    jobs: list[Job] = []
+    for index, folder in enumerate(sweep_dirs):
+        for job in find_jobs(folder):
+            job.sweep = index
+            if len(sweep_dirs) > 1:
+                job.name = f"{folder.name}/{job.num}/"
+            jobs.append(job)
+    if len(sweep_dirs) == 1:
+        return jobs, []
+    notes: list[str] = []
+    kept: dict[tuple[str, ...], Job] = {}
+    same_sweep: list[Job] = []  # a sweep that ran the same overrides twice itself (seed=1,1) keeps both
+    for job in jobs:
+        key = tuple(sorted(job.overrides))
+        other = kept.get(key)
+        if other is None:
+            kept[key] = job
+            continue
+        if other.sweep == job.sweep:
+            same_sweep.append(job)
+            continue
+        if other.finished and job.finished:
+            raise SummaryError(
+                f"{other.name} and {job.name} both finished with the same overrides ({' '.join(key) or 'none'}); "
+                "the seed would count twice: summarise only one of the two sweep folders"
+            )
+        if job.finished or not other.finished:  # the finished run counts; of two unfinished ones, the later
+            notes.append(f"{job.name} reran {other.name} ({other.problem or 'unfinished'}); counting {job.name}")
+            kept[key] = job
+        else:
+            notes.append(f"{job.name} reran {other.name}, which finished; counting {other.name}")
+    return sorted([*kept.values(), *same_sweep], key=lambda j: (j.sweep, j.num)), notes
+
+
 def summarize(
-    sweep_dir: Path, *, metrics: Sequence[str] = (), ignore: Sequence[str] = (), group_by: Sequence[str] = ()
+    sweep_dirs: Path | str | Sequence[Path | str],
+    *,
+    metrics: Sequence[str] = (),
+    ignore: Sequence[str] = (),
+    group_by: Sequence[str] = (),
 ) -> Summary:
-    """Read ``sweep_dir``, group its jobs and aggregate their metrics (raises ``SummaryError``)."""
-    sweep_dir = Path(sweep_dir)
-    jobs = find_jobs(sweep_dir)
+    """Read one sweep folder (or several, as one sweep), group the jobs and aggregate their metrics (raises
+    ``SummaryError``)."""
+    folders = sweep_folders(sweep_dirs)
+    jobs, notes = collect_jobs(folders)
+    where = ", ".join(str(f) for f in folders)
     finished = [j for j in jobs if j.finished]
     if not finished:
         raise SummaryError(
-            f"none of the {len(jobs)} jobs in {sweep_dir} has a metrics.json (crashed or still running); "
+            f"none of the {len(jobs)} jobs in {where} has a metrics.json (crashed or still running); "
             "wait for the sweep to finish, or see the .log file in each job folder for the error"
         )
     available = sorted({k for j in finished for k in j.metrics})
@@ -296,22 +372,21 @@ def summarize(
 
     missing = [j for j in jobs if not j.finished]
     if missing:
-        names = ", ".join(f"{j.num}/ ({j.problem})" if j.problem != "no metrics.json" else f"{j.num}/" for j in missing)
+        names = ", ".join(f"{j.name} ({j.problem})" if j.problem != "no metrics.json" else j.name for j in missing)
         verb = "has" if len(missing) == 1 else "have"
         warnings.insert(
             0,
-            f"{len(missing)} of {len(jobs)} jobs {verb} no metrics.json (crashed or still running) "
-            f"in {sweep_dir}: {names}",
+            f"{len(missing)} of {len(jobs)} jobs {verb} no metrics.json (crashed or still running) in {where}: {names}",
         )
     task_names = {j.record.get("task_name") for j in finished if j.record is not None}
     common = [o for o in rows[0].overrides if parse_override(o) in common_overrides(rows)] if len(rows) > 1 else []
     return Summary(
-        sweep_dir=sweep_dir,
+        sweep_dirs=folders,
         rows=rows,
         metrics=columns,
         main_metric=main,
         common=common,
-        warnings=warnings,
+        warnings=warnings + notes,
         task_name=task_names.pop() if len(task_names) == 1 else None,
     )
 
@@ -325,7 +400,7 @@ def _row_paper(row: Row, warnings: list[str]) -> dict[str, Any] | None:
     for job, paper in papers[1:]:
         if (paper.get("metric"), paper.get("target")) != (first.get("metric"), first.get("target")):
             warnings.append(
-                f"jobs {first_job.num}/ and {job.num}/ of '{row.label}' name different paper targets "
+                f"jobs {first_job.name} and {job.name} of '{row.label}' name different paper targets "
                 f"({first.get('metric')}={first.get('target')} vs {paper.get('metric')}={paper.get('target')}); "
                 "showing the first"
             )
