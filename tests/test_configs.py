@@ -6,6 +6,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from lightning import LightningDataModule, LightningModule
@@ -245,3 +246,27 @@ def test_launchers_compose(launcher):
         # one task per GPU, so Lightning's DDP maps SLURM tasks to ranks
         assert cfg.hydra.launcher.tasks_per_node == cfg.hydra.launcher.gpus_per_node == 4
         assert cfg.hydra.launcher.nodes == 1
+
+
+@pytest.mark.parametrize("row", COMPARISON_ROWS)
+def test_routing_comparison_rows_train_on_smallnorb_shapes(row):
+    # the comparison's other dataset: every row composes with data=smallnorb (32x32, 5 classes) and its model
+    # takes a training step on a batch of that shape (the files themselves: tests/data, test_learning.py)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=["experiment=routing_comparison", f"+routing_comparison_row={row}", "data=smallnorb"],
+        )
+    assert cfg.data.image_size == 32 and cfg.data.num_classes == 5
+    check_model_config(cfg.model)
+    torch.manual_seed(0)
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    x = torch.rand(4, cfg.data.in_channels, cfg.data.image_size, cfg.data.image_size)
+    y = torch.tensor([0, 1, 2, 4])
+    loss = module.shared_step((x, y), "train")[0]
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in module.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        assert module.scores(x).shape == (4, 5)
