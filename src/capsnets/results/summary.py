@@ -295,11 +295,13 @@ def collect_jobs(sweep_dirs: Sequence[Path]) -> tuple[list[Job], list[str]]:
     raise ``SummaryError``, since their seed would count twice.
     """
     jobs: list[Job] = []
+    # messages name a job by its folder's name, or by the folder as given where two folders share a name
+    by_name = len({folder.name for folder in sweep_dirs}) == len(sweep_dirs)
     for index, folder in enumerate(sweep_dirs):
         for job in find_jobs(folder):
             job.sweep = index
             if len(sweep_dirs) > 1:
-                job.name = f"{folder.name}/{job.num}/"
+                job.name = f"{folder.name if by_name else folder}/{job.num}/"
             jobs.append(job)
     if len(sweep_dirs) == 1:
         return jobs, []
