@@ -394,7 +394,7 @@ def routing_table(report: dict) -> str:
     """Training img/s of every routing relative to the first routing of its backbone, measured in this run."""
     lines = [
         f"capsnets bench --routings, {report['time']}: {report['device_name']} ({report['device']}, "
-        f"{report['threads']} threads), float32, batch 32, 28x28 images, 10 classes",
+        f"{report['threads']} threads), float32, batch {report['batch_override'] or 32}, 28x28 images, 10 classes",
         "",
         "| backbone | routing | train img/s | vs the backbone's own routing | infer img/s | routing share | peak MB |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -431,7 +431,8 @@ def main() -> None:
     parser.add_argument(
         "--no-system-malloc",
         action="store_true",
-        help="skip the float32 training figure under the system's malloc (measured when jemalloc is in use)",
+        help="skip the float32 training figure under the system's malloc (measured when jemalloc is in use; "
+        "never with --routings)",
     )
     parser.add_argument(
         "--routings",
@@ -475,7 +476,12 @@ def main() -> None:
             variants = {"default": dict(impl=None)}
             if not args.routings and has_reference(case):
                 variants["reference"] = dict(impl="reference")
-            if precision == "fp32" and report["allocator"] == "jemalloc" and not args.no_system_malloc:
+            # the system's malloc for the standard cases (--routings compares routings, under one allocator)
+            if (
+                precision == "fp32"
+                and report["allocator"] == "jemalloc"
+                and not (args.no_system_malloc or args.routings)
+            ):
                 variants["system"] = dict(impl=None, system_malloc=True)
             runs: dict[str, list[dict]] = {name: [] for name in variants}
             for _ in range(args.repeats):

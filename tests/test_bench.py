@@ -107,7 +107,10 @@ def test_bench_routings_times_each_routing_against_its_backbones_own(tmp_path):
     rows = {row["case"]: row for row in json.loads(report_path.read_text())["rows"]}
     assert list(rows) == cases and all(row["precision"] == "fp32" for row in rows.values())
     assert all(row["train_images_per_s"] > 0 and "reference" not in row for row in rows.values())
+    # one allocator for every routing: no second child under the system's malloc (the table does not show it)
+    assert not any("system_malloc_images_per_s" in row for row in rows.values())
     table = (tmp_path / report_path.name.replace(".json", ".md")).read_text()
+    assert "float32, batch 4, 28x28" in table
     assert "| dr_caps | dynamic |" in table and "| 1.00x |" in table and "| ida_caps | random |" in table
 
 
