@@ -14,22 +14,38 @@ from capsnets.nn.routing.vote_passes import (
 )
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # only the device's type is read: no GPU needed
 @pytest.mark.parametrize("chunk", [1, 7, 60, 100, 500, 10_000])
 @pytest.mark.parametrize("b,p,per_position", [(5, 1, 20), (3, 4, 15), (2, 9, 7), (1, 3, 200)])
-def test_blocks_cover_every_image_position_pair_once_in_the_parents_order(b, p, per_position, chunk, monkeypatch):
-    monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS", chunk)
-    pairs = [(i, q) for images, ps in position_chunks(b, p, per_position) for i in range(images.start, images.stop)
-             for q in range(ps.start, ps.stop)]  # fmt: skip
+def test_blocks_cover_every_image_position_pair_once_in_the_parents_order(
+    b, p, per_position, chunk, device, monkeypatch
+):
+    monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS" if device == "cpu" else "ACCELERATOR_CHUNK_ELEMENTS", chunk)
+    blocks = position_chunks(b, p, per_position, device)
+    pairs = [
+        (i, q) for images, ps in blocks for i in range(images.start, images.stop) for q in range(ps.start, ps.stop)
+    ]
     assert pairs == [(i, q) for i in range(b) for q in range(p)]
-    for images, ps in position_chunks(b, p, per_position):
+    for images, ps in blocks:
         n_images, n_positions = images.stop - images.start, ps.stop - ps.start
         assert n_images == 1 or ps == slice(0, p)  # several images only when whole
         assert n_images * n_positions * per_position <= max(chunk, per_position)  # at most a chunk, or one position
-    for blocks in (1, 3):
-        flat = flat_position_chunks(b * p, per_position, blocks)
+    for factor in (1, 3):
+        flat = flat_position_chunks(b * p, per_position, factor, device)
         assert [q for s in flat for q in range(s.start, s.stop)] == list(range(b * p))
-    rows = parent_chunks(b * p, per_position)
+    rows = parent_chunks(b * p, per_position, device)
     assert [g for s in rows for g in range(s.start, s.stop)] == list(range(b * p))
+
+
+def test_a_gpu_runs_the_votes_in_a_few_large_blocks_a_cpu_in_cache_sized_ones():
+    # em_caps' ConvCaps1 at batch 64: G = 64 x 36 positions x 32 types parents of N = 9 x 32 votes of 16 elements
+    parents, per_parent = 64 * 36 * 32, 9 * 32 * 16
+    assert vote_passes.chunk_elements(torch.device("cpu")) == vote_passes.CHUNK_ELEMENTS == 1 << 21  # 8 MB float32
+    assert vote_passes.chunk_elements("cuda") == vote_passes.chunk_elements(torch.device("cuda", 0)) == 1 << 27
+    assert len(parent_chunks(parents, per_parent, "cpu")) == 163
+    assert len(parent_chunks(parents, per_parent, "cuda")) == 3  # a few kernel launches a pass, not ~500
+    assert len(position_chunks(64, 36, 32 * per_parent, "cuda")) == 3
+    assert len(flat_position_chunks(64 * 36, 32 * per_parent, 8, "cuda")) == 1
 
 
 def test_parent_votes_lays_out_and_optionally_centres_the_votes():

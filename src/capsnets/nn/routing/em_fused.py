@@ -63,10 +63,9 @@ from capsnets.nn.routing.vote_passes import (
 )
 
 STATS = torch.float64  # the per-parent statistics' dtype
-# forming votes from their factors (FactorVotes) works in bigger blocks, FACTOR_BLOCKS x CHUNK_ELEMENTS elements
-# (vote_passes.CHUNK_ELEMENTS; em_caps: about 3 images of ConvCaps1): its backward accumulates dL/dW once per block,
-# a bmm whose inner dimension is the block's positions, and blocks of CHUNK_ELEMENTS made that pass 2x slower
-# (measured)
+# forming votes from their factors (FactorVotes) works in bigger blocks, FACTOR_BLOCKS x vote_passes.chunk_elements
+# elements (on a CPU em_caps: about 3 images of ConvCaps1): its backward accumulates dL/dW once per block, a bmm whose
+# inner dimension is the block's positions, and CPU blocks of CHUNK_ELEMENTS made that pass 2x slower (measured)
 FACTOR_BLOCKS = 8
 
 
@@ -92,7 +91,7 @@ class FactorVotes(torch.autograd.Function):
         flat = pose.reshape(b * p, k, t_in, c)  # the (image, position) pairs in a row
         U = pose.new_empty(b * p, t_out, k, t_in, d, dtype=dtype)
         c0 = pose.new_empty(b * p, t_out, 1, 1, d, dtype=dtype)
-        for ps in flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS):
+        for ps in flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS, pose.device):
             n = ps.stop - ps.start
             pose_b = flat[ps].to(dtype).permute(1, 2, 0, 3).reshape(k * t_in, n, c)  # (K * T_in, n, C)
             block = (
@@ -118,7 +117,7 @@ class FactorVotes(torch.autograd.Function):
         d_offset = pose.new_zeros(k, d) if want_offset and ctx.has_offset else None
         weight_t = None  # the transforms as (K * T_in, T_out * D, C), for dL/dpose
         flat = pose.reshape(b * p, k, t_in, c)
-        ranges = flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS)
+        ranges = flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS, pose.device)
         computed = False
         for ps, dU in zip(ranges, vote_gradient_blocks(ctx, token_grads, ranges, t_out)):
             computed, n = True, ps.stop - ps.start
@@ -154,7 +153,7 @@ class SquareSum(torch.autograd.Function):
     def forward(ctx, U, c, plain_n, plain_d, scaled_n, scaled_d, w):  # type: ignore[override]
         ctx.save_for_backward(U, c, w)
         S = U.new_empty(U.shape[0], U.shape[2])
-        for rows in parent_chunks(U.shape[0], U[0].numel()):
+        for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):
             torch.bmm(w[rows, None], squares(U, c, rows), out=S[rows, None])  # (g, 1, N) @ (g, N, D)
         return S
 
@@ -165,7 +164,7 @@ class SquareSum(torch.autograd.Function):
         dw = None
         if ctx.needs_input_grad[6]:
             dw = U.new_empty(U.shape[:2])
-            for rows in parent_chunks(U.shape[0], U[0].numel()):  # (g, 1, D) @ (g, D, N)
+            for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):  # (g, 1, D) @ (g, D, N)
                 torch.bmm(dS[rows, None], squares(U, c, rows).transpose(1, 2), out=dw[rows, None])
         return None, None, w, -2.0 * c * dS, w, 2.0 * dS, dw
 
@@ -178,7 +177,7 @@ class PoseSum(torch.autograd.Function):
     def forward(ctx, U, c, plain_n, plain_d, scaled_n, scaled_d, f1, f2):  # type: ignore[override]
         ctx.save_for_backward(U, c, f1, f2)
         q = U.new_empty(U.shape[0], 1, U.shape[1])
-        for rows in parent_chunks(U.shape[0], U[0].numel()):
+        for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):
             # (g, 1, D) @ (g, D, N) -> (g, 1, N), twice
             torch.bmm(f1[rows, None], U[rows].transpose(1, 2), out=q[rows])
             q[rows].baddbmm_(f2[rows, None], squares(U, c, rows).transpose(1, 2))
@@ -191,7 +190,7 @@ class PoseSum(torch.autograd.Function):
         df1 = U.new_empty(U.shape[0], 1, U.shape[2]) if ctx.needs_input_grad[6] else None
         df2 = U.new_empty(U.shape[0], 1, U.shape[2]) if ctx.needs_input_grad[7] else None
         if df1 is not None or df2 is not None:
-            for rows in parent_chunks(U.shape[0], U[0].numel()):
+            for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):
                 if df1 is not None:
                     torch.bmm(dq[rows, None], U[rows], out=df1[rows])  # (g, 1, N) @ (g, N, D)
                 if df2 is not None:

@@ -18,32 +18,43 @@ from __future__ import annotations
 
 import torch
 
-# vote-sized work runs in blocks of about this many elements (8 MB in float32), so that what a block
+# vote-sized work on a CPU runs in blocks of about this many elements (8 MB in float32), so that what a block
 # forms (Q, a vote gradient) is read back from cache, and no vote-sized temporary is ever allocated
 CHUNK_ELEMENTS = 1 << 21
+# ... and on an accelerator in blocks of about this many (512 MB in float32): there a block costs a few kernel
+# launches and their Python, not cache misses, and CPU-sized blocks would cut em_caps' ConvCaps1 at batch 64 (340M
+# vote elements) into 162 blocks, each pass over the votes ~500 launches; these blocks make it 3
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 27
 
 
-def parent_chunks(parents: int, per_parent: int) -> list[slice]:
-    """Consecutive ranges of ``parents`` (G) whose votes hold about ``CHUNK_ELEMENTS`` elements."""
-    step = max(1, CHUNK_ELEMENTS // per_parent)
+def chunk_elements(device: torch.device | str) -> int:
+    """Vote elements per block on ``device``: :data:`CHUNK_ELEMENTS` on a CPU, :data:`ACCELERATOR_CHUNK_ELEMENTS`
+    elsewhere (a GPU)."""
+    return CHUNK_ELEMENTS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+
+
+def parent_chunks(parents: int, per_parent: int, device: torch.device | str) -> list[slice]:
+    """Consecutive ranges of ``parents`` (G) whose votes hold about :func:`chunk_elements` elements."""
+    step = max(1, chunk_elements(device) // per_parent)
     return [slice(g, min(parents, g + step)) for g in range(0, parents, step)]
 
 
-def position_chunks(b: int, p: int, per_position: int) -> list[tuple[slice, slice]]:
-    """(range of images, range of positions) blocks of about ``CHUNK_ELEMENTS`` vote elements, in the parents'
-    order: whole images where one holds fewer (dr_caps' DigitCaps: ~11 images a block at 184K elements each), else
-    ranges of one image's positions."""
-    if p * per_position <= CHUNK_ELEMENTS:
-        images = max(1, CHUNK_ELEMENTS // (p * per_position))
+def position_chunks(b: int, p: int, per_position: int, device: torch.device | str) -> list[tuple[slice, slice]]:
+    """(range of images, range of positions) blocks of about :func:`chunk_elements` vote elements, in the parents'
+    order: whole images where one holds fewer (dr_caps' DigitCaps on a CPU: ~11 images a block at 184K elements
+    each), else ranges of one image's positions."""
+    chunk = chunk_elements(device)
+    if p * per_position <= chunk:
+        images = max(1, chunk // (p * per_position))
         return [(slice(i, min(b, i + images)), slice(0, p)) for i in range(0, b, images)]
-    step = max(1, CHUNK_ELEMENTS // per_position)
+    step = max(1, chunk // per_position)
     return [(slice(i, i + 1), slice(q, min(p, q + step))) for i in range(b) for q in range(0, p, step)]
 
 
-def flat_position_chunks(positions: int, per_position: int, blocks: int) -> list[slice]:
-    """Ranges of the B * P (image, position) pairs, in the parents' order, of about ``blocks * CHUNK_ELEMENTS`` vote
-    elements each."""
-    step = max(1, blocks * CHUNK_ELEMENTS // per_position)
+def flat_position_chunks(positions: int, per_position: int, blocks: int, device: torch.device | str) -> list[slice]:
+    """Ranges of the B * P (image, position) pairs, in the parents' order, of about ``blocks`` x
+    :func:`chunk_elements` vote elements each."""
+    step = max(1, blocks * chunk_elements(device) // per_position)
     return [slice(q, min(positions, q + step)) for q in range(0, positions, step)]
 
 
@@ -126,7 +137,7 @@ class ParentVotes(torch.autograd.Function):
         V_par = V.permute(0, 1, 4, 2, 3, 5)  # (B, P, T_out, K, T_in, D), a view
         U = V.new_empty(b, p, t_out, k, t_in, d, dtype=dtype)
         c0 = V.new_zeros(b, p, t_out, 1, 1, d, dtype=dtype)  # the plain mean of each parent's votes: U's centre
-        for images, ps in position_chunks(b, p, t_out * k * t_in * d):  # one read of V from memory
+        for images, ps in position_chunks(b, p, t_out * k * t_in * d, V.device):  # one read of V from memory
             block = V_par[images, ps] if dtype == V.dtype else V_par[images, ps].to(dtype)
             if centre:
                 torch.mean(block, dim=(3, 4), keepdim=True, out=c0[images, ps])
@@ -134,6 +145,7 @@ class ParentVotes(torch.autograd.Function):
             else:
                 U[images, ps].copy_(block)  # lays out
         ctx.layout = torch.empty_like(V, device="meta")  # V's shape, strides and dtype, without keeping V alive
+        ctx.device = V.device
         return centred_votes(ctx, U, c0, plain, scaled)
 
     @staticmethod
@@ -142,7 +154,7 @@ class ParentVotes(torch.autograd.Function):
         layout = ctx.layout
         b, p, k, t_in, t_out, d = layout.shape
         dV = None
-        blocks = position_chunks(b, p, t_out * k * t_in * d)
+        blocks = position_chunks(b, p, t_out * k * t_in * d, ctx.device)
         # the same blocks as flat ranges of (image, position) pairs: whole images, or positions within one image
         ranges = [slice(images.start * p + ps.start, (images.stop - 1) * p + ps.stop) for images, ps in blocks]
         for (images, ps), dU in zip(blocks, vote_gradient_blocks(ctx, token_grads, ranges, t_out)):
