@@ -9,13 +9,14 @@ PYTEST_ARGS ?=
 # test processes (pytest-xdist): 2 fills a 2-core machine (the suite: ~15 min in one process, ~11 min in two)
 TEST_WORKERS ?= 2
 
-.PHONY: install train test test-fast lint format bench fashion-mnist jemalloc clean help
+.PHONY: install train test test-fast lint format bench gpu-kit fashion-mnist jemalloc clean help
 
 help:
 	@echo "make train      train dr_caps on the shipped MNIST sample (offline)"
 	@echo "make test       run the whole test suite (includes slow and realdata tests)"
 	@echo "make test-fast  skip the slow end-to-end tests"
 	@echo "make bench      speed of the standard cases as same-run ratios (outputs/bench/; ~30 min on CPU)"
+	@echo "make gpu-kit    what a bare GPU machine needs for scripts/gpu_checks.py (.whl/, data/FashionMNIST/)"
 	@echo "make lint       ruff: formatting and lint rules (pyproject.toml), as CI runs them"
 	@echo "make format     ruff: format the code and apply the safe lint fixes"
 	@echo "make install    create $(VENV) and install capsnets with its dev extras"
@@ -56,6 +57,18 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format $(LINTED)
 	$(VENV)/bin/ruff check --fix $(LINTED)
+
+# What scripts/gpu_checks.py needs on a bare GPU machine (Python 3.12 with torch and lightning, no internet), to be
+# carried there with the working tree: wheels of the packages its image lacks, and Fashion-MNIST under data/
+GPU_PYTHON ?= 3.12
+gpu-kit: install fashion-mnist
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) -d .whl \
+		hydra-core==$$($(PY) -c "import hydra; print(hydra.__version__)") \
+		omegaconf==$$($(PY) -c "import omegaconf; print(omegaconf.__version__)")
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	mkdir -p data/FashionMNIST/raw && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz data/FashionMNIST/raw/
+	@du -sh .whl data/FashionMNIST
 
 # Debian's full Fashion-MNIST (used by the realdata tests and offline data=fashion_mnist runs)
 fashion-mnist:
