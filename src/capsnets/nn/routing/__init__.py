@@ -8,7 +8,8 @@
   capsules, ``self_attention.py``);
 * ``inverted_dot_product``: inverted dot-product attention routing, Tsai et al. 2020 (pose capsules,
   ``inverted.py``);
-* ``vb``: variational Bayes routing, Ribeiro et al. 2020 (matrix capsules, ``vb.py``);
+* ``vb``: variational Bayes routing, Ribeiro et al. 2020 (matrix capsules), ``impl: reference`` (``vb.py``) or
+  ``impl: fused`` (the same, with the fused EM routing's passes over the votes, ``vb_fused.py``);
 * ``uniform`` / ``random``: the no-routing baselines of Paik et al. 2019, fixed uniform or random
   assignments (both kinds, ``baselines.py``).
 
@@ -20,7 +21,17 @@ keyword arguments of its constructor, annotated with their rules (``PositiveFloa
 :mod:`capsnets.schema`) and checked by ``@checked(routing_key)``: at compose time and when built, one rule each.
 """
 
-from capsnets.nn.routing import baselines, dynamic, em, em_fused, inverted, self_attention, vb, vote_passes  # noqa: F401
+from capsnets.nn.routing import (  # noqa: F401
+    baselines,
+    dynamic,
+    em,
+    em_fused,
+    inverted,
+    self_attention,
+    vb,
+    vb_fused,
+    vote_passes,
+)
 from capsnets.nn.routing.base import (
     KINDS,
     ROUTINGS,
@@ -44,6 +55,7 @@ from capsnets.nn.routing.inverted import InvertedDotProductRouting
 from capsnets.nn.routing.layout import NORMALISATIONS, ChildLayout, child_assignment_stats
 from capsnets.nn.routing.self_attention import SelfAttentionRouting, self_attention_routing
 from capsnets.nn.routing.vb import VBRouting
+from capsnets.nn.routing.vb_fused import FusedVBRouting, fused_vb_iterations
 
 __all__ = [
     "KINDS",
@@ -56,6 +68,7 @@ __all__ = [
     "EMRoutingBase",
     "FusedDynamicRouting",
     "FusedEMRouting",
+    "FusedVBRouting",
     "InvertedDotProductRouting",
     "RandomRouting",
     "Routing",
@@ -72,6 +85,7 @@ __all__ = [
     "em_routing",
     "fused_dynamic_routing",
     "fused_em_routing",
+    "fused_vb_iterations",
     "inverse_temperatures",
     "recording",
     "register_routing",

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsnets.errors import ConfigError
-from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing, routing_key
+from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, Votes, register_routing, routing_key
 from capsnets.nn.routing.layout import ChildLayout, Normalisation
 from capsnets.schema import BoundedFloat, Fraction, PositiveFloat, PositiveInt, checked
 
@@ -131,9 +131,11 @@ def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     return F.batch_norm(x, bn.running_mean, bn.running_var, training=training, momentum=momentum, eps=bn.eps)
 
 
-@register_routing("vb", kinds=("matrix",))
+@register_routing("vb", kinds=("matrix",), impl="reference")
 class VBRouting(Routing):
-    """Variational Bayes routing for matrix capsules, a drop-in for EM routing (see the module docstring).
+    """Variational Bayes routing for matrix capsules, a drop-in for EM routing (see the module docstring): the
+    readable implementation (``impl: reference``); ``impl: fused`` (:mod:`~capsnets.nn.routing.vb_fused`, the default)
+    computes the same with fewer passes over the votes.
 
     Args:
         iterations: updates of q(pi, mu, Lambda) (release: 3).
@@ -219,13 +221,16 @@ class VBRouting(Routing):
             return None
         return math.sqrt(2.0 / ((in_types + self.out_types) * kernel_size**2 * POSE_SIZE))
 
-    def route(
-        self, votes: torch.Tensor, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
-    ) -> RoutingResult:
-        V = votes  # (B, P, K, T_in, T_out, D), at least float32 (the seam)
-        a_in = a_in if a_in is not None else V.new_ones(V.shape[:4])
-        b, p, _, _, t_out, d = V.shape
-        priors = dict(alpha0=self.alpha0, kappa0=self.kappa0, nu0=self.prior_nu(d), psi0=self.psi0, m0=self.m0)
+    def priors(self, d: int) -> dict[str, float]:
+        """The prior's parameters for ``d``-element poses (``vb_posterior``'s keywords)."""
+        return dict(alpha0=self.alpha0, kappa0=self.kappa0, nu0=self.prior_nu(d), psi0=self.psi0, m0=self.m0)
+
+    def iterate(
+        self, V: Votes, a_in: torch.Tensor, layout: ChildLayout, trace: RoutingTrace | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The updates of q(pi, mu, Lambda) and q(R): the posterior means m_j (B, P, T_out, D), the activation logits
+        before the batch norm (B, P, T_out) and the last assignments R (B, P, K, T_in, T_out), in V's dtype."""
+        priors = self.priors(V.shape[-1])
         # uniform start: R_ij = 1 / |parents of i| under this normalisation
         R = layout.softmax(V.new_zeros((1, *V.shape[1:5])), over=self.normalisation).expand(V.shape[:5])
         for t in range(self.iterations):
@@ -235,12 +240,19 @@ class VBRouting(Routing):
                     logits = vb_activation_logits(q, beta_u=self.beta_u.to(V.dtype), beta_a=self.beta_a.to(V.dtype))
                     trace.record(R, torch.sigmoid(logits))
                 R = vb_assignments(V, q, layout, self.normalisation)
-        logits = vb_activation_logits(
-            q, beta_u=self.beta_u.to(V.dtype), beta_a=self.beta_a.to(V.dtype)
-        )  # (B, P, T_out)
+        logits = vb_activation_logits(q, beta_u=self.beta_u.to(V.dtype), beta_a=self.beta_a.to(V.dtype))
+        return q["m"], logits, R
+
+    def route(
+        self, votes: Votes, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
+    ) -> RoutingResult:
+        V = votes  # (B, P, K, T_in, T_out, D), at least float32 (the seam); VoteFactors for impl: fused
+        if a_in is None:
+            a_in = torch.ones(V.shape[:4], dtype=V.dtype, device=V.device)
+        b, p, _, _, t_out, d = V.shape
+        poses, logits, R = self.iterate(V, a_in, layout, trace)  # (B, P, T_out, D), (B, P, T_out), R
         if trace is not None:  # every iteration's activation before the batch norm, the last one included
             trace.record(R, torch.sigmoid(logits))
-        poses = q["m"]  # (B, P, T_out, D)
         if self.bn_a is not None:  # per parent type over examples and positions
             logits = batch_norm(self.bn_a, logits.transpose(1, 2)).transpose(1, 2)
         if self.bn_pose is not None:  # per parent type over examples, positions and pose elements
