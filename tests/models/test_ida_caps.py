@@ -139,3 +139,24 @@ def test_a_few_steps_lower_the_cross_entropy_on_a_fixed_batch():
         opt.step()
     assert math.isclose(losses[0], math.log(4), rel_tol=0.2)  # chance at the start
     assert losses[-1] < 0.6 * losses[0] and torch.allclose(scores.sum(-1), torch.ones(16))
+
+
+@pytest.mark.parametrize("mode", ["concurrent", "sequential"])
+def test_fused_and_reference_routing_train_the_network_alike(mode):
+    # the fused implementation (the default) in the network's own schedules: same poses, logits and gradients of
+    # every parameter (concurrent routing hands each step parents' poses that carry gradients)
+    nets = []
+    for impl in ("reference", "fused"):
+        torch.manual_seed(0)
+        routing = {"name": "inverted_dot_product", "impl": impl, "iterations": 3}
+        nets.append(IDACapsNet(**TINY, routing_mode=mode, routing=routing).double().train())
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    results = []
+    for net in nets:
+        poses, logits = net(x)
+        loss = (torch.cos(2 * poses)).sum() + F.cross_entropy(logits, torch.tensor([0, 1, 3]))
+        results.append((poses, logits, torch.autograd.grad(loss, list(net.parameters()))))
+    (p0, l0, g0), (p1, l1, g1) = results
+    assert torch.allclose(p0, p1, atol=1e-10) and torch.allclose(l0, l1, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(g0, g1))
+    assert sum(a.abs().sum() for a in g0) > 0

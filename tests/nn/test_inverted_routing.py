@@ -9,7 +9,8 @@ import torch
 
 from capsnets.errors import ConfigError
 from capsnets.nn.conv_caps import conv_child_index
-from capsnets.nn.routing import ChildLayout, build_routing
+from capsnets.nn.routing import ChildLayout, FusedInvertedDotProductRouting, RoutingTrace, build_routing, vote_passes
+from capsnets.nn.routing.base import DEFAULT_IMPLS
 
 CONV = ChildLayout(conv_child_index(4, 4, kernel_size=3, stride=1), 16)
 
@@ -55,14 +56,16 @@ def reference_step(V, previous, layout, normalisation, gain, bias):
     return poses, r
 
 
+@pytest.mark.parametrize("impl", ["reference", "fused"])
 @pytest.mark.parametrize("normalisation", ["patch", "covering", "type"])
 @pytest.mark.parametrize("iterations", [1, 2, 3])
-def test_vectorised_equals_the_loop_reference_in_values_and_gradients(iterations, normalisation):
+def test_vectorised_equals_the_loop_reference_in_values_and_gradients(iterations, normalisation, impl):
     routing = build_routing(
-        {"name": "inverted_dot_product", "iterations": iterations, "normalisation": normalisation},
+        {"name": "inverted_dot_product", "impl": impl, "iterations": iterations, "normalisation": normalisation},
         kind="pose",
         out_types=3,
     ).double()
+    assert routing.impl == impl
     g = torch.Generator().manual_seed(iterations)
     with torch.no_grad():  # a learned gain and bias that are not the identity
         routing.norm.weight.copy_(1 + 0.3 * torch.randn(16, generator=g, dtype=torch.float64))
@@ -103,3 +106,41 @@ def test_settings_are_checked():
     routing = build_routing({"name": "inverted_dot_product", "pose_dim": 8}, kind="pose", out_types=2)
     with pytest.raises(ValueError, match="built for 8-element poses"):
         routing(torch.randn(1, 1, 3, 1, 2, 16))
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 200])  # one block, one parent per block, blocks that split an image
+@pytest.mark.parametrize("normalisation", ["patch", "type"])
+def test_fused_step_equals_the_reference_step_also_through_the_previous_poses(normalisation, chunk, monkeypatch):
+    # concurrent routing (ida_caps) calls step() with parents' poses that carry gradients of their own
+    if chunk is not None:
+        monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(7)
+    V = torch.randn(2, 4, 9, 2, 3, 16, generator=g, dtype=torch.float64).transpose(2, 3)  # strided, as einsum's
+    V = V.contiguous().transpose(2, 3).requires_grad_(True)  # (B, P, K, T_in, T_out, D) with K, T_in swapped in memory
+    previous = torch.randn(2, 4, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    results = []
+    for impl in ("reference", "fused"):
+        routing = build_routing(
+            {"name": "inverted_dot_product", "impl": impl, "normalisation": normalisation}, kind="pose", out_types=3
+        ).double()
+        with torch.no_grad():
+            routing.norm.weight.copy_(1 + 0.3 * torch.randn(16, generator=torch.Generator().manual_seed(1)))
+        trace = RoutingTrace(CONV)
+        out = routing.step(V, previous, CONV, trace)
+        loss = sum((torch.cos(3 * x) * (i + 1)).sum() for i, x in enumerate(out))
+        leaves = (V, previous, routing.norm.weight, routing.norm.bias)
+        results.append((out, torch.autograd.grad(loss, leaves), trace))
+    (ref, ref_grads, ref_trace), (got, got_grads, got_trace) = results
+    for x, y in zip(ref, got):
+        assert torch.allclose(x, y, atol=1e-12)
+    for x, y in zip(ref_grads, got_grads):
+        assert x.abs().max() > 0 and torch.allclose(x, y, atol=1e-10)
+    assert got_grads[0].stride() == V.stride()  # the votes' gradient written once, in their own strides
+    for x, y in zip(ref_trace.assignments + ref_trace.activations, got_trace.assignments + got_trace.activations):
+        assert torch.allclose(x, y, atol=1e-12)
+
+
+def test_fused_is_the_default():
+    assert DEFAULT_IMPLS["inverted_dot_product"] == "fused"
+    routing = build_routing({"name": "inverted_dot_product"}, kind="pose", out_types=2)
+    assert type(routing) is FusedInvertedDotProductRouting

@@ -7,7 +7,7 @@
 * ``self_attention``: Efficient-CapsNet's one-pass self-attention routing, Mazzia et al. 2021 (vector
   capsules, ``self_attention.py``);
 * ``inverted_dot_product``: inverted dot-product attention routing, Tsai et al. 2020 (pose capsules,
-  ``inverted.py``);
+  ``inverted.py``), ``impl: reference`` (einsums) or ``impl: fused`` (the votes in the parents' layout);
 * ``vb``: variational Bayes routing, Ribeiro et al. 2020 (matrix capsules), ``impl: reference`` (``vb.py``) or
   ``impl: fused`` (the same, with the fused EM routing's passes over the votes, ``vb_fused.py``);
 * ``uniform`` / ``random``: the no-routing baselines of Paik et al. 2019, fixed uniform or random
@@ -51,7 +51,7 @@ from capsnets.nn.routing.baselines import AssignmentBaseline, RandomRouting, Uni
 from capsnets.nn.routing.dynamic import DynamicRouting, FusedDynamicRouting, dynamic_routing, fused_dynamic_routing
 from capsnets.nn.routing.em import EMRouting, EMRoutingBase, em_routing, inverse_temperatures
 from capsnets.nn.routing.em_fused import FusedEMRouting, fused_em_routing
-from capsnets.nn.routing.inverted import InvertedDotProductRouting
+from capsnets.nn.routing.inverted import FusedInvertedDotProductRouting, InvertedDotProductRouting
 from capsnets.nn.routing.layout import NORMALISATIONS, ChildLayout, child_assignment_stats
 from capsnets.nn.routing.self_attention import SelfAttentionRouting, self_attention_routing
 from capsnets.nn.routing.vb import VBRouting
@@ -68,6 +68,7 @@ __all__ = [
     "EMRoutingBase",
     "FusedDynamicRouting",
     "FusedEMRouting",
+    "FusedInvertedDotProductRouting",
     "FusedVBRouting",
     "InvertedDotProductRouting",
     "RandomRouting",

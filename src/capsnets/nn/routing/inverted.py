@@ -23,6 +23,10 @@ iterates one layer to the end before the next (sequential routing).
 The release (apple/ml-capsules-inverted-attention-routing) normalises each slot's probabilities over
 the parent types of its patch (``normalisation: patch``), scales the agreement by ``1/sqrt(D)`` and
 uses LayerNorm with learned elementwise affine parameters; these are the defaults.
+
+Two implementations: ``impl: reference`` (the einsums above) and ``impl: fused`` (the default: the same results with
+the votes copied once into the parents' layout, the agreements and weighted sums as the batched products of
+:mod:`~capsnets.nn.routing.vote_passes` and the votes' gradient written once, as the fused dynamic routing does).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import nn
 
 from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing, routing_key
 from capsnets.nn.routing.layout import ChildLayout, Normalisation
+from capsnets.nn.routing.vote_passes import ParentVotes, VoteDot, VoteSum
 from capsnets.schema import PositiveInt, checked
 
 
@@ -44,9 +49,9 @@ def parent_share(r: torch.Tensor) -> torch.Tensor:
     return mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-@register_routing("inverted_dot_product", kinds=("pose",))
+@register_routing("inverted_dot_product", kinds=("pose",), impl="reference")
 class InvertedDotProductRouting(Routing):
-    """Inverted dot-product attention routing (see the module docstring).
+    """Inverted dot-product attention routing (see the module docstring), the readable implementation.
 
     Args:
         iterations: every iteration, the initialising uniform pass included (release: 2; 1 = no routing).
@@ -80,10 +85,7 @@ class InvertedDotProductRouting(Routing):
     ) -> RoutingResult:
         """One iteration: parent poses (B, P, T_out, D) from ``votes`` and the parents' ``previous`` poses
         (None: the initialising uniform pass)."""
-        if votes.shape[-1] != self.pose_dim:
-            raise ValueError(
-                f"{self.key}: built for {self.pose_dim}-element poses (pose_dim), got votes of {votes.shape[-1]}."
-            )
+        self.check_pose_dim(votes)
         votes = votes.contiguous()  # one copy of a strided view, not one per contraction below
         if previous is None:  # the parents' poses start at 0: every agreement 0, r uniform over each child's parents
             r = layout.softmax(votes.new_zeros((1, *votes.shape[1:5])), over=self.normalisation).expand(votes.shape[:5])
@@ -95,6 +97,12 @@ class InvertedDotProductRouting(Routing):
         if trace is not None:
             trace.record(r, share)
         return RoutingResult(poses, share, r)
+
+    def check_pose_dim(self, votes: torch.Tensor) -> None:
+        if votes.shape[-1] != self.pose_dim:
+            raise ValueError(
+                f"{self.key}: built for {self.pose_dim}-element poses (pose_dim), got votes of {votes.shape[-1]}."
+            )
 
     def route(
         self, votes: torch.Tensor, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
@@ -109,3 +117,54 @@ class InvertedDotProductRouting(Routing):
             f"{super().extra_repr()}, normalisation={self.normalisation}, pose_dim={self.pose_dim}, "
             f"layer_norm_affine={self.layer_norm_affine}"
         )
+
+
+@register_routing("inverted_dot_product", kinds=("pose",), impl="fused", default=True)
+class FusedInvertedDotProductRouting(InvertedDotProductRouting):
+    """Inverted dot-product attention routing, the fast implementation (``impl: fused``): the same settings and
+    results as ``impl: reference``, the votes in the parents' layout U (G, N, D), G = B * P * T_out parents of
+    N = K * T_in children: the agreement is ``(G, 1, D) @ (G, D, N)``, the weighted sum ``(G, 1, N) @ (G, N, D)``, and
+    the backward pass writes the votes' gradient once (:class:`~capsnets.nn.routing.vote_passes.ParentVotes`)."""
+
+    def iterate(
+        self, votes: torch.Tensor, previous: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None, *,
+        steps: int,
+    ) -> RoutingResult:  # fmt: skip
+        """``steps`` iterations on one copy of the votes, the first from the parents' ``previous`` poses (None: the
+        initialising uniform pass)."""
+        self.check_pose_dim(votes)
+        b, p, k, t_in, t_out, d = votes.shape
+        g, n = b * p * t_out, k * t_in
+        agreements = steps - (previous is None)  # uses of U: a weighted sum per iteration, an agreement per previous
+        U, _, *tokens = ParentVotes.apply(votes, steps + agreements, 0, votes.dtype, False)  # U: (G, N, D)
+        for _ in range(steps):
+            if previous is None:  # every agreement 0: r uniform over each child's parents
+                r = layout.softmax(votes.new_zeros((1, p, k, t_in, t_out)), over=self.normalisation)
+                r_par = r.expand(b, p, k, t_in, t_out).permute(0, 1, 4, 2, 3).reshape(g, n)  # (G, N)
+                r = r.expand(b, p, k, t_in, t_out)
+            else:  # a_ij = p_j . v_ij / sqrt(D), softmax over child i's parents (the layout's own view: no copy)
+                agreement = VoteDot.apply(U, *tokens[:2], previous.reshape(g, d)) / math.sqrt(d)  # (G, N)
+                tokens = tokens[2:]
+                r = layout.softmax(agreement.view(b, p, t_out, k, t_in).permute(0, 1, 3, 4, 2), over=self.normalisation)
+                r_par = r.permute(0, 1, 4, 2, 3).reshape(g, n)  # (G, N)
+            s = VoteSum.apply(U, *tokens[:2], r_par).view(b, p, t_out, d)  # sum_i r_ij v_ij
+            tokens = tokens[2:]
+            previous = self.norm(s)  # (B, P, T_out, D)
+            share = parent_share(r)
+            if trace is not None:
+                trace.record(r, share)
+        return RoutingResult(previous, share, r)
+
+    def step(
+        self,
+        votes: torch.Tensor,
+        previous: torch.Tensor | None,
+        layout: ChildLayout,
+        trace: RoutingTrace | None = None,
+    ) -> RoutingResult:
+        return self.iterate(votes, previous, layout, trace, steps=1)
+
+    def route(
+        self, votes: torch.Tensor, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
+    ) -> RoutingResult:
+        return self.iterate(votes, None, layout, trace, steps=self.iterations)  # one copy of the votes for all
