@@ -9,7 +9,14 @@ import torch
 
 from capsnets.errors import ConfigError
 from capsnets.nn.conv_caps import conv_child_index
-from capsnets.nn.routing import ChildLayout, FusedInvertedDotProductRouting, RoutingTrace, build_routing, vote_passes
+from capsnets.nn.routing import (
+    ChildLayout,
+    FusedInvertedDotProductRouting,
+    RoutingTrace,
+    VoteFactors,
+    build_routing,
+    vote_passes,
+)
 from capsnets.nn.routing.base import DEFAULT_IMPLS
 
 CONV = ChildLayout(conv_child_index(4, 4, kernel_size=3, stride=1), 16)
@@ -144,3 +151,31 @@ def test_fused_is_the_default():
     assert DEFAULT_IMPLS["inverted_dot_product"] == "fused"
     routing = build_routing({"name": "inverted_dot_product"}, kind="pose", out_types=2)
     assert type(routing) is FusedInvertedDotProductRouting
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 300])  # FactorVotes' blocks: all, one position, straddling images
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_votes_by_their_factors_equal_the_votes_tensor_in_values_and_gradients(iterations, chunk, monkeypatch):
+    # the pose-capsule layers hand the fused routing their votes' factors; it forms the votes itself, block by block
+    if chunk is not None:
+        monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(11)
+    pose = torch.randn(2, 4, 9, 2, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = (0.5 * torch.randn(9, 2, 3, 16, 16, generator=g, dtype=torch.float64)).requires_grad_(True)
+    previous = torch.randn(2, 4, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    routing = build_routing({"name": "inverted_dot_product", "iterations": iterations}, kind="pose", out_types=3)
+    routing = routing.double()
+    assert routing.takes_vote_factors
+    results = []
+    for factors in (False, True):
+        votes = VoteFactors(pose, weight)
+        route = routing.step(votes if factors else votes.materialise(), previous, CONV)
+        seam = routing(votes if factors else votes.materialise(), None, CONV)  # the whole route, from uniform
+        out = (*route, *seam)
+        loss = sum((torch.cos(3 * x) * (i + 1)).sum() for i, x in enumerate(out))
+        results.append((out, torch.autograd.grad(loss, (pose, weight, previous))))
+    (ref, ref_grads), (got, got_grads) = results
+    for x, y in zip(ref, got):
+        assert torch.allclose(x, y, atol=1e-12)
+    for x, y in zip(ref_grads, got_grads):
+        assert x.abs().max() > 0 and torch.allclose(x, y, atol=1e-10)

@@ -30,8 +30,8 @@ from torch import nn
 
 from capsnets.errors import ConfigError
 from capsnets.nn.conv_caps import conv_child_index
-from capsnets.nn.matrix_caps import MATRIX_SIDE, POSE_SIZE, capsule_votes
-from capsnets.nn.routing import ChildLayout, Routing, RoutingResult, RoutingTrace, build_routing
+from capsnets.nn.matrix_caps import MATRIX_SIDE, POSE_SIZE, vote_weight
+from capsnets.nn.routing import ChildLayout, Routing, RoutingResult, RoutingTrace, VoteFactors, build_routing
 from capsnets.schema import NumClasses, PositiveInt, check_parallel_lists, checked
 
 Backbone = Literal["resnet", "simple"]
@@ -108,19 +108,20 @@ class PoseCapsules(nn.Module):
     def output_size(self, in_size: int) -> int:
         return 1 if self.kernel_size is None else (in_size - self.kernel_size) // self.stride + 1
 
-    def votes(self, pose: torch.Tensor) -> tuple[torch.Tensor, ChildLayout]:
-        """Votes (B, P, K, T_in, T_out, 16) of the children in each patch, and their layout."""
+    def votes(self, pose: torch.Tensor) -> tuple[VoteFactors, ChildLayout]:
+        """Votes (B, P, K, T_in, T_out, 16) of the children in each patch by their factors (child poses and
+        ``kron(I_4, W)``: a fused routing forms them itself, block by block), and their layout."""
         b, h, w, t_in, _ = pose.shape
         if self.kernel_size is None:  # one patch of every position and type
             if h * w != self.weight.shape[0]:
                 raise ValueError(f"PoseCapsules built for {self.weight.shape[0]} input positions, got {h}x{w}.")
             M = pose.reshape(b, 1, h * w, t_in, POSE_SIZE)
-            return capsule_votes(M, self.weight), ChildLayout()
+            return VoteFactors(M, vote_weight(self.weight)), ChildLayout()
         h_out, w_out = self.output_size(h), self.output_size(w)
         index = conv_child_index(h, w, kernel_size=self.kernel_size, stride=self.stride, device=pose.device)
         M = pose.reshape(b, h * w, t_in, POSE_SIZE).index_select(1, index)
         M = M.view(b, h_out * w_out, self.kernel_size**2, t_in, POSE_SIZE)  # (B, P, K*K, T_in, 16)
-        return capsule_votes(M, self.weight), ChildLayout(index, h * w)
+        return VoteFactors(M, vote_weight(self.weight)), ChildLayout(index, h * w)
 
     def unflatten(self, pose: torch.Tensor, in_hw: tuple[int, int]) -> torch.Tensor:
         """(B, P, T_out, 16) parents -> (B, H_out, W_out, T_out, 16)."""
@@ -137,7 +138,7 @@ class PoseCapsules(nn.Module):
         self,
         pose: torch.Tensor,
         previous: torch.Tensor | None,
-        votes: tuple[torch.Tensor, ChildLayout] | None = None,
+        votes: tuple[VoteFactors, ChildLayout] | None = None,
     ) -> torch.Tensor:
         """One routing iteration from the children's poses and the parents' ``previous`` poses (None: first);
         ``votes``: this layer's votes of ``pose`` when already computed (they depend on ``pose`` only)."""
@@ -148,6 +149,8 @@ class PoseCapsules(nn.Module):
                 routing.trace = RoutingTrace(layout) if routing.record_trace else None
             else:
                 previous = previous.to(V.dtype).reshape(V.shape[0], V.shape[1], self.out_types, POSE_SIZE)
+            if not routing.takes_vote_factors:
+                V = V.materialise()  # (B, P, K, T_in, T_out, 16)
             result: RoutingResult = routing.step(V, previous, layout, routing.trace)
         return self.unflatten(result.poses, pose.shape[1:3])
 

@@ -52,96 +52,14 @@ import torch.nn.functional as F
 from capsnets.nn.routing.base import RoutingResult, RoutingTrace, VoteFactors, Votes, register_routing
 from capsnets.nn.routing.em import PAPER, EMRoutingBase, EMVariant, activation_logits, smoothed_mean
 from capsnets.nn.routing.layout import ChildLayout
-from capsnets.nn.routing.vote_passes import (
-    ParentVotes,
-    VoteSum,
-    centred_votes,
-    first_order_only,
-    flat_position_chunks,
-    parent_chunks,
-    vote_gradient_blocks,
-)
+from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum, first_order_only, parent_chunks
 
 STATS = torch.float64  # the per-parent statistics' dtype
-# forming votes from their factors (FactorVotes) works in bigger blocks, FACTOR_BLOCKS x vote_passes.chunk_elements
-# elements (on a CPU em_caps: about 3 images of ConvCaps1): its backward accumulates dL/dW once per block, a bmm whose
-# inner dimension is the block's positions, and CPU blocks of CHUNK_ELEMENTS made that pass 2x slower (measured)
-FACTOR_BLOCKS = 8
 
 
 def squares(U: torch.Tensor, c: torch.Tensor, rows: slice) -> torch.Tensor:
     """``Q = (U - c)^2`` for the parents ``rows``: (g, N, D), formed block by block, never for all parents."""
     return (U[rows] - c[rows, None]).square_()
-
-
-class FactorVotes(torch.autograd.Function):
-    """:class:`ParentVotes` from the votes' factors (:class:`~capsnets.nn.routing.VoteFactors`): each block of
-    votes ``V = pose @ weight + offset`` is formed, centred and laid out while in cache, so the votes never exist
-    whole (em_caps' ConvCaps1: 678 MB at batch 32 in float32); the backward pass forms each block of dL/dV and
-    turns it into the gradients of the pose, weight and offset at once."""
-
-    @staticmethod
-    def forward(ctx, pose, weight, offset, plain: int, scaled: int, dtype: torch.dtype):  # type: ignore[override]
-        b, p, k, t_in, c = pose.shape  # pose (B, P, K, T_in, C), weight (K, T_in, T_out, C, D), offset (K, D)
-        t_out, d = weight.shape[2], weight.shape[4]
-        ctx.set_materialize_grads(False)
-        # the transforms once in the layout of a bmm over (k, i): (K * T_in, C, T_out * D)
-        weight_b = weight.to(dtype).permute(0, 1, 3, 2, 4).reshape(k * t_in, c, t_out * d)
-        offset_m = None if offset is None else offset.to(dtype)[:, None, :]  # (K, 1, D) over T_in
-        flat = pose.reshape(b * p, k, t_in, c)  # the (image, position) pairs in a row
-        U = pose.new_empty(b * p, t_out, k, t_in, d, dtype=dtype)
-        c0 = pose.new_empty(b * p, t_out, 1, 1, d, dtype=dtype)
-        for ps in flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS, pose.device):
-            n = ps.stop - ps.start
-            pose_b = flat[ps].to(dtype).permute(1, 2, 0, 3).reshape(k * t_in, n, c)  # (K * T_in, n, C)
-            block = (
-                torch.bmm(pose_b, weight_b).view(k, t_in, n, t_out, d).permute(2, 3, 0, 1, 4)
-            )  # (n, T_out, K, T_in, D)
-            if offset_m is not None:
-                block = block.add_(offset_m)
-            torch.mean(block, dim=(2, 3), keepdim=True, out=c0[ps])
-            torch.sub(block, c0[ps], out=U[ps])
-        ctx.has_offset = offset is not None
-        return centred_votes(ctx, U, c0, plain, scaled, pose, weight)
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, _dU, _dc0, *token_grads):  # type: ignore[override]
-        _, pose, weight = ctx.saved_tensors
-        b, p, k, t_in, c = pose.shape
-        t_out, d = weight.shape[2], weight.shape[4]
-        want_pose, want_weight, want_offset = ctx.needs_input_grad[:3]
-        d_pose = pose.new_empty(b * p, k, t_in, c) if want_pose else None
-        # dL/dW accumulated in the layout of the bmm over (k, i): (K * T_in, C, T_out * D)
-        d_weight = pose.new_zeros(k * t_in, c, t_out * d) if want_weight else None
-        d_offset = pose.new_zeros(k, d) if want_offset and ctx.has_offset else None
-        weight_t = None  # the transforms as (K * T_in, T_out * D, C), for dL/dpose
-        flat = pose.reshape(b * p, k, t_in, c)
-        ranges = flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS, pose.device)
-        computed = False
-        for ps, dU in zip(ranges, vote_gradient_blocks(ctx, token_grads, ranges, t_out)):
-            computed, n = True, ps.stop - ps.start
-            dU = dU.view(n, t_out, k, t_in, d)
-            if d_offset is not None:
-                d_offset += dU.sum(dim=(0, 1, 3)).to(pose.dtype)
-            if d_pose is None and d_weight is None:
-                continue
-            # the block's vote gradient in the layout of the bmm over (k, i), one copy: (K * T_in, n, T_out * D)
-            d_votes = dU.permute(2, 3, 0, 1, 4).reshape(k * t_in, n, t_out * d).to(pose.dtype)
-            if d_pose is not None:
-                if weight_t is None:
-                    weight_t = weight.to(pose.dtype).permute(0, 1, 2, 4, 3).reshape(k * t_in, t_out * d, c)
-                d_pose[ps] = torch.bmm(d_votes, weight_t).view(k, t_in, n, c).permute(2, 0, 1, 3)
-            if d_weight is not None:
-                pose_t = flat[ps].permute(1, 2, 3, 0).reshape(k * t_in, c, n)  # (K * T_in, C, n)
-                d_weight.baddbmm_(pose_t, d_votes)
-        if not computed:  # no use of U has a gradient
-            return None, None, None, None, None, None
-        if d_pose is not None:
-            d_pose = d_pose.view_as(pose)
-        if d_weight is not None:
-            d_weight = d_weight.view(k, t_in, c, t_out, d).permute(0, 1, 3, 2, 4).to(weight.dtype)
-        return d_pose, d_weight, d_offset, None, None, None
 
 
 class SquareSum(torch.autograd.Function):

@@ -37,9 +37,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, register_routing, routing_key
+from capsnets.nn.routing.base import (
+    Routing,
+    RoutingResult,
+    RoutingTrace,
+    VoteFactors,
+    Votes,
+    register_routing,
+    routing_key,
+)
 from capsnets.nn.routing.layout import ChildLayout, Normalisation
-from capsnets.nn.routing.vote_passes import ParentVotes, VoteDot, VoteSum
+from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteDot, VoteSum
 from capsnets.schema import PositiveInt, checked
 
 
@@ -124,10 +132,14 @@ class FusedInvertedDotProductRouting(InvertedDotProductRouting):
     """Inverted dot-product attention routing, the fast implementation (``impl: fused``): the same settings and
     results as ``impl: reference``, the votes in the parents' layout U (G, N, D), G = B * P * T_out parents of
     N = K * T_in children: the agreement is ``(G, 1, D) @ (G, D, N)``, the weighted sum ``(G, 1, N) @ (G, N, D)``, and
-    the backward pass writes the votes' gradient once (:class:`~capsnets.nn.routing.vote_passes.ParentVotes`)."""
+    the backward pass writes the votes' gradient once (:class:`~capsnets.nn.routing.vote_passes.ParentVotes`). Given
+    the votes' factors (a layer's :class:`~capsnets.nn.routing.VoteFactors`), it forms U from them block by block
+    (:class:`~capsnets.nn.routing.vote_passes.FactorVotes`) and the votes never exist whole."""
+
+    takes_vote_factors = True
 
     def iterate(
-        self, votes: torch.Tensor, previous: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None, *,
+        self, votes: Votes, previous: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None, *,
         steps: int,
     ) -> RoutingResult:  # fmt: skip
         """``steps`` iterations on one copy of the votes, the first from the parents' ``previous`` poses (None: the
@@ -136,10 +148,14 @@ class FusedInvertedDotProductRouting(InvertedDotProductRouting):
         b, p, k, t_in, t_out, d = votes.shape
         g, n = b * p * t_out, k * t_in
         agreements = steps - (previous is None)  # uses of U: a weighted sum per iteration, an agreement per previous
-        U, _, *tokens = ParentVotes.apply(votes, steps + agreements, 0, votes.dtype, False)  # U: (G, N, D)
+        uses = (steps + agreements, 0, votes.dtype, False)  # plain uses, no scaled ones, U's dtype, not centred
+        if isinstance(votes, VoteFactors):
+            U, _, *tokens = FactorVotes.apply(votes.pose, votes.weight, votes.offset, *uses)  # U: (G, N, D)
+        else:
+            U, _, *tokens = ParentVotes.apply(votes, *uses)
         for _ in range(steps):
             if previous is None:  # every agreement 0: r uniform over each child's parents
-                r = layout.softmax(votes.new_zeros((1, p, k, t_in, t_out)), over=self.normalisation)
+                r = layout.softmax(U.new_zeros((1, p, k, t_in, t_out)), over=self.normalisation)
                 r_par = r.expand(b, p, k, t_in, t_out).permute(0, 1, 4, 2, 3).reshape(g, n)  # (G, N)
                 r = r.expand(b, p, k, t_in, t_out)
             else:  # a_ij = p_j . v_ij / sqrt(D), softmax over child i's parents (the layout's own view: no copy)
@@ -157,7 +173,7 @@ class FusedInvertedDotProductRouting(InvertedDotProductRouting):
 
     def step(
         self,
-        votes: torch.Tensor,
+        votes: Votes,
         previous: torch.Tensor | None,
         layout: ChildLayout,
         trace: RoutingTrace | None = None,
@@ -165,6 +181,6 @@ class FusedInvertedDotProductRouting(InvertedDotProductRouting):
         return self.iterate(votes, previous, layout, trace, steps=1)
 
     def route(
-        self, votes: torch.Tensor, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
+        self, votes: Votes, a_in: torch.Tensor | None, layout: ChildLayout, trace: RoutingTrace | None
     ) -> RoutingResult:
         return self.iterate(votes, None, layout, trace, steps=self.iterations)  # one copy of the votes for all

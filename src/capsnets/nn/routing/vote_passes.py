@@ -12,6 +12,10 @@ batched product over the parents in the form that reads U fastest (``(G, 1, N) @
 gradients of two zero *tokens* (outputs of :class:`ParentVotes`, inputs of the use), and ParentVotes' backward sums
 all of them in one batched product per block of parents, ``(g, N, uses) @ (g, uses, D)``, and writes dL/dV once,
 in V's own strides, where plain autograd would write and add one vote-sized gradient per use.
+
+**Votes from their factors.** A capsule layer whose votes are ``V = pose @ W (+ offset)`` can hand over the factors
+(:class:`~capsnets.nn.routing.VoteFactors`); :class:`FactorVotes` then forms each block of votes straight into U, and
+its backward pass turns each block of the vote gradient into the pose and W gradients: the votes never exist whole.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ CHUNK_ELEMENTS = 1 << 21
 # launches and their Python, not cache misses, and CPU-sized blocks would cut em_caps' ConvCaps1 at batch 64 (340M
 # vote elements) into 162 blocks, each pass over the votes ~500 launches; these blocks make it 3
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 27
+# forming votes from their factors (FactorVotes) works in bigger blocks, FACTOR_BLOCKS x chunk_elements
+# elements (on a CPU em_caps: about 3 images of ConvCaps1): its backward accumulates dL/dW once per block, a bmm whose
+# inner dimension is the block's positions, and CPU blocks of CHUNK_ELEMENTS made that pass 2x slower (measured)
+FACTOR_BLOCKS = 8
 
 
 def chunk_elements(device: torch.device | str) -> int:
@@ -82,7 +90,7 @@ def vote_tokens(U: torch.Tensor, plain: int, scaled: int) -> list[torch.Tensor]:
 
 
 def centred_votes(ctx, U: torch.Tensor, c0: torch.Tensor, plain: int, scaled: int, *saved: torch.Tensor):
-    """The outputs of :class:`ParentVotes` (and EM's ``FactorVotes``) from U (..., T_out, K, T_in, D) and its centres
+    """The outputs of :class:`ParentVotes` (and :class:`FactorVotes`) from U (..., T_out, K, T_in, D) and its centres
     c0 (..., T_out, 1, 1, D): U as (G, N, D), c0 as (G, D), and the tokens of the uses; U (and ``saved``) kept for the
     backward pass."""
     d = U.shape[-1]
@@ -197,3 +205,76 @@ class VoteDot(torch.autograd.Function):
         U, x = ctx.saved_tensors
         dx = torch.bmm(dA.unsqueeze(1), U).squeeze(1) if ctx.needs_input_grad[3] else None  # (G, 1, N) @ (G, N, D)
         return None, dA, x, dx
+
+
+class FactorVotes(torch.autograd.Function):
+    """:class:`ParentVotes` from the votes' factors (:class:`~capsnets.nn.routing.VoteFactors`): each block of
+    votes ``V = pose @ weight + offset`` is formed, centred (if ``centre``) and laid out while in cache, so the votes
+    never exist whole (em_caps' ConvCaps1: 678 MB at batch 32 in float32); the backward pass forms each block of dL/dV
+    and turns it into the gradients of the pose, weight and offset at once."""
+
+    @staticmethod
+    def forward(ctx, pose, weight, offset, plain: int, scaled: int, dtype: torch.dtype, centre: bool = True):  # type: ignore[override]
+        b, p, k, t_in, c = pose.shape  # pose (B, P, K, T_in, C), weight (K, T_in, T_out, C, D), offset (K, D)
+        t_out, d = weight.shape[2], weight.shape[4]
+        ctx.set_materialize_grads(False)
+        # the transforms once in the layout of a bmm over (k, i): (K * T_in, C, T_out * D)
+        weight_b = weight.to(dtype).permute(0, 1, 3, 2, 4).reshape(k * t_in, c, t_out * d)
+        offset_m = None if offset is None else offset.to(dtype)[:, None, :]  # (K, 1, D) over T_in
+        flat = pose.reshape(b * p, k, t_in, c)  # the (image, position) pairs in a row
+        U = pose.new_empty(b * p, t_out, k, t_in, d, dtype=dtype)
+        c0 = (pose.new_empty if centre else pose.new_zeros)(b * p, t_out, 1, 1, d, dtype=dtype)
+        for ps in flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS, pose.device):
+            n = ps.stop - ps.start
+            pose_b = flat[ps].to(dtype).permute(1, 2, 0, 3).reshape(k * t_in, n, c)  # (K * T_in, n, C)
+            block = (
+                torch.bmm(pose_b, weight_b).view(k, t_in, n, t_out, d).permute(2, 3, 0, 1, 4)
+            )  # (n, T_out, K, T_in, D)
+            if offset_m is not None:
+                block = block.add_(offset_m)
+            if centre:
+                torch.mean(block, dim=(2, 3), keepdim=True, out=c0[ps])
+                torch.sub(block, c0[ps], out=U[ps])
+            else:
+                U[ps].copy_(block)
+        ctx.has_offset = offset is not None
+        return centred_votes(ctx, U, c0, plain, scaled, pose, weight)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, _dU, _dc0, *token_grads):  # type: ignore[override]
+        _, pose, weight = ctx.saved_tensors
+        b, p, k, t_in, c = pose.shape
+        t_out, d = weight.shape[2], weight.shape[4]
+        want_pose, want_weight, want_offset = ctx.needs_input_grad[:3]
+        d_pose = pose.new_empty(b * p, k, t_in, c) if want_pose else None
+        # dL/dW accumulated in the layout of the bmm over (k, i): (K * T_in, C, T_out * D)
+        d_weight = pose.new_zeros(k * t_in, c, t_out * d) if want_weight else None
+        d_offset = pose.new_zeros(k, d) if want_offset and ctx.has_offset else None
+        weight_t = None  # the transforms as (K * T_in, T_out * D, C), for dL/dpose
+        flat = pose.reshape(b * p, k, t_in, c)
+        ranges = flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS, pose.device)
+        computed = False
+        for ps, dU in zip(ranges, vote_gradient_blocks(ctx, token_grads, ranges, t_out)):
+            computed, n = True, ps.stop - ps.start
+            dU = dU.view(n, t_out, k, t_in, d)
+            if d_offset is not None:
+                d_offset += dU.sum(dim=(0, 1, 3)).to(pose.dtype)
+            if d_pose is None and d_weight is None:
+                continue
+            # the block's vote gradient in the layout of the bmm over (k, i), one copy: (K * T_in, n, T_out * D)
+            d_votes = dU.permute(2, 3, 0, 1, 4).reshape(k * t_in, n, t_out * d).to(pose.dtype)
+            if d_pose is not None:
+                if weight_t is None:
+                    weight_t = weight.to(pose.dtype).permute(0, 1, 2, 4, 3).reshape(k * t_in, t_out * d, c)
+                d_pose[ps] = torch.bmm(d_votes, weight_t).view(k, t_in, n, c).permute(2, 0, 1, 3)
+            if d_weight is not None:
+                pose_t = flat[ps].permute(1, 2, 3, 0).reshape(k * t_in, c, n)  # (K * T_in, C, n)
+                d_weight.baddbmm_(pose_t, d_votes)
+        if not computed:  # no use of U has a gradient
+            return None, None, None, None, None, None, None
+        if d_pose is not None:
+            d_pose = d_pose.view_as(pose)
+        if d_weight is not None:
+            d_weight = d_weight.view(k, t_in, c, t_out, d).permute(0, 1, 3, 2, 4).to(weight.dtype)
+        return d_pose, d_weight, d_offset, None, None, None, None
