@@ -27,7 +27,7 @@ import torch
 CHUNK_ELEMENTS = 1 << 21
 # ... and on an accelerator in blocks of about this many (512 MB in float32): there a block costs a few kernel
 # launches and their Python, not cache misses, and CPU-sized blocks would cut em_caps' ConvCaps1 at batch 64 (340M
-# vote elements) into 162 blocks, each pass over the votes ~500 launches; these blocks make it 3
+# vote elements) into 163 blocks, each pass over the votes ~500 launches; these blocks make it 3
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 27
 # forming votes from their factors (FactorVotes) works in bigger blocks, FACTOR_BLOCKS x chunk_elements
 # elements (on a CPU em_caps: about 3 images of ConvCaps1): its backward accumulates dL/dW once per block, a bmm whose
