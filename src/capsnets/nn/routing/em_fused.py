@@ -126,6 +126,31 @@ class PoseSum(torch.autograd.Function):
         )
 
 
+def spread_about(
+    mu: torch.Tensor,
+    U: torch.Tensor,
+    c0: torch.Tensor,
+    E_U: torch.Tensor,
+    mass: torch.Tensor,
+    tokens: Sequence[torch.Tensor],
+    w: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sum_i w_i (V_i - mu)^2`` per parent in one pass over U = V - c0 (the M-step's pass 2, module docstring).
+
+    mu, c0, E_U = sum_i w_i U_i (B, P, T_out, D) and mass = sum_i w_i (B, P, T_out, 1) in STATS; ``tokens``: a plain
+    and a scaled pair from ``ParentVotes``; w (G, N). ``Q = (U - c)^2`` is formed around c, mu - c0 rounded to U's
+    dtype (a constant), block by block (its gradient reaches U through SquareSum's tokens); with
+    ``delta = mu - c0 - c`` (rounding-sized in value, mu's gradient) the spread is
+    ``E[Q] - 2 delta E[U - c] + m delta^2``, exact for any constant c. Returns the spread (B, P, T_out, D), c (G, D)
+    and delta.
+    """
+    c = (mu - c0).detach().to(U.dtype).view(-1, mu.shape[-1])  # (G, D)
+    c_s = c.to(STATS).view_as(mu)
+    E_Q = SquareSum.apply(U, c, *tokens, w).to(STATS).view_as(mu)
+    delta = mu - c0 - c_s
+    return E_Q - 2 * delta * (E_U - mass * c_s) + mass * delta**2, c, delta
+
+
 def m_step(
     R: torch.Tensor,
     a_in: torch.Tensor,
@@ -159,13 +184,8 @@ def m_step(
     E_U = VoteSum.apply(U, *tokens[0:2], w).to(STATS).view(b, p, t_out, d)
     c0 = c0.view(b, p, t_out, d)
     mu = smoothed_mean(mass * c0 + E_U, mu_previous, variant)
-    # pass 2: Q = (U - c)^2 around c = mu - c0 rounded to U's dtype, a constant; then line 4
-    c = (mu - c0).detach().to(U.dtype).view(-1, d)  # (G, D)
-    # E[Q], Q = (U - c)^2 formed block by block: its gradient reaches U through SquareSum's tokens
-    E_Q = SquareSum.apply(U, c, *tokens[2:6], w).to(STATS).view(b, p, t_out, d)
-    delta = mu - c0 - c.to(STATS).view(b, p, t_out, d)  # mu - c0 - c: rounding-sized in value, mu's gradient
-    # sum_i w_i (U_i - c - delta)^2, exact for any constant c: E[Q] - 2 delta E[U - c] + m delta^2
-    sigma_sq = E_Q - 2 * delta * (E_U - mass * (mu - c0 - delta)) + mass * delta**2
+    # pass 2, line 4: the weighted squared distances from mu
+    sigma_sq, c, delta = spread_about(mu, U, c0, E_U, mass, tokens[2:6], w)
     # straight-through clamp: rounding can land a zero variance (a parent with one child) just below 0; the
     # forward pass clamps it, the backward pass keeps the true gradient (a plain clamp would zero the
     # gradient with respect to every other child's activation there)

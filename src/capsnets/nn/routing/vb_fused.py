@@ -30,10 +30,10 @@ import math
 import torch
 
 from capsnets.nn.routing.base import RoutingTrace, VoteFactors, Votes, register_routing
-from capsnets.nn.routing.em_fused import STATS, FactorVotes, PoseSum, SquareSum
+from capsnets.nn.routing.em_fused import STATS, PoseSum, spread_about
 from capsnets.nn.routing.layout import ChildLayout
 from capsnets.nn.routing.vb import VBRouting, expected_logs, vb_activation_logits
-from capsnets.nn.routing.vote_passes import ParentVotes, VoteSum
+from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum
 
 
 def fused_vb_iterations(
@@ -82,12 +82,9 @@ def fused_vb_iterations(
         mass = (R_j / (R_j + eps))[..., None]  # sum_i w_i: 1, or 0 for a parent without data, (B, P, T_out, 1)
         E_U = VoteSum.apply(U, *m_tokens[0:2], w).to(STATS).view(b, p, t_out, d)
         mu_bar = mass * c0 + E_U  # sum_i R_ij V_ij / (R_j + eps), (B, P, T_out, D)
-        c = (mu_bar - c0).detach().to(dtype).view(g, d)  # Q's centre, a constant (G, D)
-        c_s = c.to(STATS).view(b, p, t_out, d)
-        E_Q = SquareSum.apply(U, c, *m_tokens[2:6], w).to(STATS).view(b, p, t_out, d)
-        delta = mu_bar - c0 - c_s  # rounding-sized in value, mu_bar's gradient
-        # S_j = (R_j + eps) sum_i w_i (U_i - c - delta)^2 = (R_j + eps) (E[Q] - 2 delta E[U - c] + m delta^2)
-        S = (R_j[..., None] + eps) * (E_Q - 2 * delta * (E_U - mass * c_s) + mass * delta**2)
+        # S_j = sum_i R_ij (V_ij - mu_bar_j)^2 = (R_j + eps) sum_i w_i (V_ij - mu_bar_j)^2: EM's second pass
+        spread, _, _ = spread_about(mu_bar, U, c0, E_U, mass, m_tokens[2:6], w)
+        S = (R_j[..., None] + eps) * spread
         alpha, kappa, nu = alpha0 + R_j, kappa0 + R_j, nu0 + R_j  # (B, P, T_out)
         m = (R_j[..., None] * mu_bar + kappa0 * m0) / kappa[..., None]  # (B, P, T_out, D)
         inv_psi = 1.0 / psi0 + S + (kappa0 * R_j / kappa)[..., None] * (mu_bar - m0) ** 2  # diag of Psi_j^-1
