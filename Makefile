@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # test processes (pytest-xdist): 2 fills a 2-core machine (the suite: ~15 min in one process, ~11 min in two)
 TEST_WORKERS ?= 2
 
-.PHONY: install train test test-fast lint format bench gpu-kit fashion-mnist jemalloc clean help
+.PHONY: install train test test-fast lint format bench gpu-kit fashion-mnist jemalloc cxx clean help
 
 help:
 	@echo "make train      train dr_caps on the shipped MNIST sample (offline)"
@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -e '.[dev]'
 	@$(MAKE) --no-print-directory jemalloc || echo "note: libjemalloc2 not installed; CPU training uses the system's malloc (slower, see README)"
+	@$(MAKE) --no-print-directory cxx || echo "note: no C++ compiler installed; compile.enabled=true needs compile.backend=aot_eager on a CPU"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -81,6 +82,11 @@ fashion-mnist:
 jemalloc:
 	@$(PY) -c "from capsnets.utils.allocator import find_jemalloc; import os, sys; sys.exit(find_jemalloc(os.environ) is None)" \
 	|| (test "$$(id -u)" = 0 && command -v apt-get >/dev/null && (apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libjemalloc2 >/dev/null)))
+
+# a C++ compiler, for torch.compile's inductor code generation on a CPU (compile.enabled=true; capsnets/utils/compile.py)
+cxx:
+	@command -v $${CXX:-g++} >/dev/null \
+	|| (test "$$(id -u)" = 0 && command -v apt-get >/dev/null && (apt-get install -y -qq g++ >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq g++ >/dev/null)))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -237,3 +238,28 @@ def quiet_trainer(**kwargs) -> L.Trainer:
         "num_sanity_val_steps": 0,
     }
     return L.Trainer(**{**settings, **kwargs})
+
+
+def last_metric(run_dir: Path, name: str) -> float:
+    """The last logged value of ``name`` in a run's CSV metrics."""
+    with open(next(run_dir.glob("csv/version_*/metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    values = [float(r[name]) for r in rows if r.get(name) not in (None, "")]
+    assert values, f"{name} not logged"
+    return values[-1]
+
+
+def synthetic_run(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    """train.py overrides: the small CapsNet on synthetic data, one epoch of 128 samples, run folder tmp_path/name."""
+    return [
+        "data=synthetic",
+        *SMALL_DR_CAPS,
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "data.num_train=128",
+        "data.num_val=64",
+        "data.num_test=64",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / name}",
+        *extra,
+    ]

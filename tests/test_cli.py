@@ -2,42 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from capsnets.utils.allocator import find_jemalloc
 
-from helpers import SMALL_DR_CAPS, write_tiny_mnist
+from helpers import SMALL_DR_CAPS, last_metric, synthetic_run, write_tiny_mnist
 
 pytestmark = pytest.mark.slow
-
-
-def last_metric(run_dir: Path, name: str) -> float:
-    with open(next(run_dir.glob("csv/version_*/metrics.csv"))) as f:
-        rows = list(csv.DictReader(f))
-    values = [float(r[name]) for r in rows if r.get(name) not in (None, "")]
-    assert values, f"{name} not logged"
-    return values[-1]
-
-
-def synthetic_run(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "data=synthetic",
-        *SMALL_DR_CAPS,
-        "trainer=cpu",
-        "trainer.max_epochs=1",
-        "data.num_train=128",
-        "data.num_val=64",
-        "data.num_test=64",
-        f"paths.log_dir={tmp_path}",
-        f"hydra.run.dir={tmp_path / name}",
-        *extra,
-    ]
 
 
 def test_train_eval_resume_on_synthetic(cli, tmp_path):

@@ -39,6 +39,7 @@ from capsnets.callbacks.nonfinite import Policy
 from capsnets.data.base import EvalSplit
 from capsnets.errors import ConfigError
 from capsnets.schema import PositiveFloat, PositiveInt, Range, check_settings, constructor_hints
+from capsnets.utils.compile import CompileSettings, check_compile
 
 # optional config groups whose misspelled option Hydra would silently drop
 OPTIONAL_GROUPS = ("experiment", "debug", "hparams_search")
@@ -56,6 +57,7 @@ class TopLevelSettings(TypedDict, total=False):
     nonfinite: Policy  # NonFiniteGuard's policy
     nonfinite_max_skips: PositiveInt
     optimized_metric: Metric | None
+    compile: CompileSettings
 
 
 class TrainerSettings(TypedDict, total=False):
@@ -213,6 +215,29 @@ def check_config(cfg: DictConfig, *, choices: Mapping[str, Any] | None = None, c
     check_data(cfg)
     check_model(cfg)
     check_trainer(cfg)
+    check_compile_config(cfg)
+
+
+def check_compile_config(cfg: DictConfig) -> None:
+    """``compile`` against the machine (a C++ compiler for inductor on a CPU) and the model (a graph break in a
+    ``fullgraph`` compile)."""
+    settings = cfg.get("compile")
+    if not isinstance(settings, DictConfig) or not settings.get("enabled", False):
+        return
+    import torch
+
+    trainer = cfg.get("trainer")
+    accelerator = str(trainer.get("accelerator", "auto")) if isinstance(trainer, DictConfig) else "auto"
+    check_compile(
+        settings, on_gpu=accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    )
+    routing = OmegaConf.select(cfg, "model.routing.name", default=None)
+    if settings.get("fullgraph", False) and routing == "random":
+        raise ConfigError(
+            "compile.fullgraph=true, but model/routing=random draws its fixed logits with a torch.Generator, which "
+            "cannot be made inside a compiled graph (a graph break, an error under fullgraph). Fix: "
+            "compile.fullgraph=false (the draw then runs eagerly), or another routing."
+        )
 
 
 def check_eval_config(

@@ -29,6 +29,7 @@ from capsnets.registry import resolve
 from capsnets.results.record import metric_value, scalar_metrics, write_record
 from capsnets.utils.allocator import loaded_allocator
 from capsnets.utils.checkpoint_io import remove_stale_partials
+from capsnets.utils.compile import compile_model
 from capsnets.utils.instantiate import (
     check_ckpt_path,
     check_model_config,
@@ -63,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = instantiate_model(cfg.model)
     if ckpt_path is not None:
         check_resume_checkpoint(ckpt_path, model)
+    compile_model(model, cfg.get("compile"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks.append(Interruption(run_dir=cfg.paths.get("output_dir")))
     callbacks.append(

@@ -115,6 +115,10 @@ class CapsuleClassifier(LightningModule):
         """The reconstruction decoder, ``(class capsules (N, K, D), labels (N,) or None) -> images``, if any."""
         return None
 
+    def compiled_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules a step calls, by name: what ``compile.enabled=true`` compiles (:mod:`capsnets.utils.compile`)."""
+        return {"net": self.net}
+
     @torch.no_grad()
     def inspect(self, x: torch.Tensor, *, traces: bool = True) -> CapsuleView:
         """One forward pass of ``x`` without gradients, with every routing iteration recorded if ``traces``."""

@@ -60,6 +60,13 @@ class DRCapsModule(CapsuleClassifier):
     def decoder(self) -> torch.nn.Module | None:
         return self.net.decoder
 
+    def compiled_modules(self) -> dict[str, torch.nn.Module]:
+        # the step calls the decoder on its own (after the class capsules), outside net's forward
+        modules = super().compiled_modules()
+        if self.net.decoder is not None:
+            modules["net.decoder"] = self.net.decoder
+        return modules
+
     def shared_step(self, batch: Any, stage: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
         v, lengths = self.class_capsules(x)  # (B, K, D), (B, K)

@@ -33,6 +33,7 @@ Shapes (see :mod:`capsnets.nn.routing.base`): votes (B, P, K, T_in, T_out, D), a
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any, ClassVar
 
@@ -137,9 +138,12 @@ class AssignmentBaseline(EMRoutingBase):
         return super().extra_repr()
 
 
+@torch.compiler.disable  # a torch.Generator cannot be made inside a compiled graph: the draw runs eagerly (a break)
+@functools.lru_cache(maxsize=64)
 def fixed_logits(seed: int, slots: tuple[int, ...], role: str) -> torch.Tensor:
     """(1, P, K, T_in, T_out) standard normal logits, drawn on the CPU from ``seed`` mixed with the layer's slot shape
-    and role, so layers of different shapes get independent draws."""
+    and role, so layers of different shapes get independent draws. Drawn once per argument (cached: callers must not
+    change it in place)."""
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{slots}:{role}".encode()))
     return torch.randn((1, *slots), generator=generator, dtype=torch.float64)
 

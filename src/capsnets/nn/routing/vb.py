@@ -122,9 +122,9 @@ def vb_activation_logits(q: dict[str, torch.Tensor], *, beta_u: torch.Tensor, be
 
 
 def batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
-    """``bn`` on x (B, C, L); with a single value per channel in training (one example at one position) the
-    batch has no spread to normalise, so the running statistics are used, as in evaluation."""
-    training = bn.training and x.shape[0] * x.shape[2] > 1
+    """``bn`` on x (N, C) or (N, C, L); with a single value per channel in training (one example at one position)
+    the batch has no spread to normalise, so the running statistics are used, as in evaluation."""
+    training = bn.training and x.numel() // x.shape[1] > 1
     if training:
         bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else 0.1
@@ -254,7 +254,9 @@ class VBRouting(Routing):
         if trace is not None:  # every iteration's activation before the batch norm, the last one included
             trace.record(R, torch.sigmoid(logits))
         if self.bn_a is not None:  # per parent type over examples and positions
-            logits = batch_norm(self.bn_a, logits.transpose(1, 2)).transpose(1, 2)
+            # as (B * P, T_out) rows, not a transposed (B, T_out, P) view: the same statistics, and torch.compile's
+            # traced backward of batch norm on a transposed input expects other strides than the CPU kernel returns
+            logits = batch_norm(self.bn_a, logits.reshape(b * p, t_out)).view(b, p, t_out)
         if self.bn_pose is not None:  # per parent type over examples, positions and pose elements
             flat = poses.permute(0, 2, 1, 3).reshape(b, t_out, p * d)  # (B, T_out, P*D)
             poses = batch_norm(self.bn_pose, flat).view(b, t_out, p, d).permute(0, 2, 1, 3)
