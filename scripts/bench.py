@@ -42,6 +42,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -271,6 +272,64 @@ def measure_case(case: Case, *, impl: str | None, precision: str, device: str, s
     }
 
 
+def measure_compiled(case: Case, *, backend: str, device: str, steps: int) -> dict:
+    """Training img/s of the case compiled (``compile.enabled=true`` with ``backend``) and eager, interleaved in this
+    process on the same weights and inputs (float32), the first compiled step's seconds (the compilation) and both
+    first losses (the compiled path computes what the eager one does)."""
+    import torch
+
+    from capsnets.utils.compile import compile_model
+
+    torch.manual_seed(0)
+    eager = build_module(case, []).to(device)
+    compiled = build_module(case, []).to(device)
+    compiled.load_state_dict(eager.state_dict())
+    compile_model(compiled, {"enabled": True, "backend": backend})
+    x = torch.randn(case.batch, 1, case.image_size, case.image_size, device=device)
+    y = torch.randint(case.num_classes, (case.batch,), device=device)
+
+    def loss_of(module) -> float:  # one step's loss, without changing the weights
+        module.zero_grad(set_to_none=True)
+        loss = module.shared_step((x, y), "train")[0]
+        loss.backward()
+        return float(loss.detach())
+
+    began = time.perf_counter()
+    first_compiled = loss_of(compiled)
+    first_step_s = time.perf_counter() - began
+    first_eager = loss_of(eager)
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(steps):  # interleaved, so that a neighbour's load falls on both
+        for name, module in (("eager", eager), ("compiled", compiled)):
+            times[name].append(median_seconds(lambda m=module: loss_of(m), steps=1, warmup=0, device=device))
+    return {
+        "case": case.name,
+        "backend": backend,
+        "eager_train_images_per_s": case.batch / statistics.median(times["eager"]),
+        "compiled_train_images_per_s": case.batch / statistics.median(times["compiled"]),
+        "first_compiled_step_s": first_step_s,
+        "loss_eager": first_eager,
+        "loss_compiled": first_compiled,
+    }
+
+
+def compile_table(report: dict) -> str:
+    lines = [
+        "",
+        f"torch.compile ({report['compile']}), float32 training, eager and compiled steps interleaved in one process:",
+        "",
+        "| case | eager img/s | compiled img/s | compiled / eager | first compiled step (s) | loss eager / compiled |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in report.get("compiled", []):
+        lines.append(
+            f"| {row['case']} | {row['eager_train_images_per_s']:.1f} | {row['compiled_train_images_per_s']:.1f} | "
+            f"{row['compiled_train_images_per_s'] / row['eager_train_images_per_s']:.2f}x | "
+            f"{row['first_compiled_step_s']:.0f} | {row['loss_eager']:.6g} / {row['loss_compiled']:.6g} |"
+        )
+    return "\n".join(lines)
+
+
 def user_path(case: Case, *, device: str, steps: int) -> float | None:
     """Median images/s through ``train.py`` (perf/train_images_per_s of the Throughput callback)."""
     import tempfile
@@ -311,6 +370,10 @@ def with_batch(case: Case, batch: int | None) -> Case:
 
 def run_child(args: argparse.Namespace) -> None:
     case = with_batch(next(c for c in CASES + ROUTING_CASES if c.name == args.child), args.batch)
+    if args.compile:
+        result = measure_compiled(case, backend=args.compile, device=args.device, steps=args.steps)
+        print("BENCH-RESULT " + json.dumps(result), flush=True)
+        return
     result = measure_case(
         case, impl=args.impl, precision=args.precision, device=args.device, steps=args.steps, warmup=args.warmup
     )
@@ -335,10 +398,17 @@ def median_result(results: list[dict]) -> dict:
 
 
 def in_child(
-    args: argparse.Namespace, case: Case, *, impl: str | None, precision: str, system_malloc: bool = False
+    args: argparse.Namespace,
+    case: Case,
+    *,
+    impl: str | None,
+    precision: str,
+    system_malloc: bool = False,
+    compile_backend: str | None = None,
 ) -> dict | None:
     cmd = [sys.executable, __file__, "--child", case.name, "--precision", precision, "--device", args.device]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--impl", impl] if impl else [])
+    cmd += ["--compile", compile_backend] if compile_backend else []
     cmd += ["--batch", str(case.batch)]
     env = system_malloc_env() if system_malloc else os.environ.copy()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -440,6 +510,15 @@ def main() -> None:
         help="instead of the standard cases: every routing on its backbone (float32, batch 32), relative to the "
         "backbone's own routing (dr_caps: dynamic; em_caps_small: em; ida_caps: inverted dot-product)",
     )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="also time each case's float32 training step compiled (torch.compile, default backend inductor) against "
+        "eager, interleaved in one process (the first step compiles: minutes on a CPU)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -469,6 +548,8 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": probe_machine(args.device),
         "rows": [],
+        "compile": args.compile,
+        "compiled": [],
     }
     for case in cases:
         for precision in precisions:
@@ -501,7 +582,13 @@ def main() -> None:
                 row["user_path_images_per_s"] = user_path(case, device=args.device, steps=max(args.steps, 8))
             report["rows"].append(row)
             print(f"{case.name} {precision}: {row['train_images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+        if args.compile:
+            result = in_child(args, case, impl=None, precision="fp32", compile_backend=args.compile)
+            if result is not None:
+                report["compiled"].append(result)
     text = routing_table(report) if args.routings else table(report)
+    if args.compile:
+        text += "\n" + compile_table(report)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")

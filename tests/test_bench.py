@@ -103,6 +103,18 @@ def test_a_case_measured_in_process_reports_its_flops_routing_share_and_ceiling(
     assert row["train_gflops"] == pytest.approx(3 * row["forward_gflop_per_image"] * row["train_images_per_s"])
 
 
+def test_a_case_compiled_is_timed_against_eager_on_the_same_weights():
+    bench = load_bench()
+    case = bench.with_batch(next(c for c in bench.CASES if c.name == "dr_caps_b32"), 2)
+    row = bench.measure_compiled(case, backend="aot_eager", device="cpu", steps=2)
+    assert row["case"] == "dr_caps_b32" and row["backend"] == "aot_eager"
+    assert row["loss_compiled"] == pytest.approx(row["loss_eager"], rel=1e-5)  # the same step, compiled
+    assert row["eager_train_images_per_s"] > 0 and row["compiled_train_images_per_s"] > 0
+    assert row["first_compiled_step_s"] > 0
+    table = bench.compile_table({"compile": "aot_eager", "compiled": [row]})
+    assert "| dr_caps_b32 |" in table and "torch.compile (aot_eager)" in table
+
+
 @pytest.mark.slow
 def test_bench_routings_times_each_routing_against_its_backbones_own(tmp_path):
     cases = ["dr_caps+dynamic", "dr_caps+self_attention", "ida_caps+inverted_dot_product", "ida_caps+random"]
