@@ -180,6 +180,14 @@ def check_loss(loss: DictConfig) -> None:
         )
 
 
+def uses_gpu(trainer: Any) -> bool:
+    """Whether ``trainer`` (its config) trains on CUDA GPUs: asked for, or ``auto`` on a machine that has one."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator", "auto")) if isinstance(trainer, DictConfig) else "auto"
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.device_count() > 0)
+
+
 def check_trainer(cfg: DictConfig) -> None:
     trainer = cfg.get("trainer")
     if not isinstance(trainer, DictConfig):
@@ -189,14 +197,15 @@ def check_trainer(cfg: DictConfig) -> None:
     accelerator = str(trainer.get("accelerator", "auto"))
     devices = trainer.get("devices", 1)
     gpus = torch.cuda.device_count()
+    on_gpu = uses_gpu(trainer)
     if accelerator in ("gpu", "cuda") and gpus == 0:
         raise ConfigError(
             f"trainer.accelerator={accelerator} but this machine has no CUDA GPU. Fix: trainer=cpu (one process), "
             f"or trainer=ddp_sim (real DDP on 2 CPU processes) to try multi-process training."
         )
     if isinstance(devices, int) and not isinstance(devices, bool):
-        available = gpus if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus) else os.cpu_count() or 1
-        what = "GPUs" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus) else "CPU cores"
+        available = gpus if on_gpu else os.cpu_count() or 1
+        what = "GPUs" if on_gpu else "CPU cores"
         if devices < -1 or devices == 0 or devices > available:
             raise ConfigError(
                 f"trainer.devices={devices}, but this machine has {available} {what}. "
@@ -224,20 +233,17 @@ def check_compile_config(cfg: DictConfig) -> None:
     settings = cfg.get("compile")
     if not isinstance(settings, DictConfig) or not settings.get("enabled", False):
         return
-    import torch
-
-    trainer = cfg.get("trainer")
-    accelerator = str(trainer.get("accelerator", "auto")) if isinstance(trainer, DictConfig) else "auto"
-    check_compile(
-        settings, on_gpu=accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    )
+    check_compile(settings, on_gpu=uses_gpu(cfg.get("trainer")))
     routing = OmegaConf.select(cfg, "model.routing.name", default=None)
-    if settings.get("fullgraph", False) and routing == "random":
-        raise ConfigError(
-            "compile.fullgraph=true, but model/routing=random draws its fixed logits with a torch.Generator, which "
-            "cannot be made inside a compiled graph (a graph break, an error under fullgraph). Fix: "
-            "compile.fullgraph=false (the draw then runs eagerly), or another routing."
-        )
+    if settings.get("fullgraph", False) and routing is not None:
+        from capsnets.nn.routing import ROUTINGS  # the package: every routing registered
+
+        if any(not cls.compiles_whole for cls in ROUTINGS.get(routing, {}).values()):
+            raise ConfigError(
+                f"compile.fullgraph=true, but model/routing={routing} breaks the compiled graph (random routing "
+                "draws its fixed logits with a torch.Generator, which cannot be made inside one). Fix: "
+                "compile.fullgraph=false (that part then runs eagerly), or another routing."
+            )
 
 
 def check_eval_config(

@@ -4,10 +4,10 @@ TorchDynamo captures the network's forward pass, routing included (the fused rou
 their loops over vote blocks and their backward passes are traced, not run around the graph: em_caps_small and
 dr_caps compile to one graph per compiled module, no breaks, ``tests/test_compile.py``), and the backend generates
 code for it (inductor: C++/OpenMP on a CPU, Triton on a GPU), fusing the elementwise work between the vote-sized
-passes that eager PyTorch runs as separate kernels. Measured on a 2-core CPU (float32, batch 32, one thread, eager
-and compiled steps interleaved in one process): em_caps_small 0.90-1.06 s per step compiled vs 1.22-1.37 s eager
-(~1.35x), dr_caps ~0.93x (its convolution is the same oneDNN kernel), after a first step that compiles for minutes;
-``scripts/bench.py --compile`` measures it per case.
+passes that eager PyTorch runs as separate kernels. Measured on a 2-core CPU (float32, batch 32, eager and compiled
+steps interleaved in one process): em_caps_small 1.15x / 1.27x with 2 threads (two quiet ``scripts/bench.py
+--compile`` runs), ~1.35x with one thread on a loaded machine; dr_caps ~0.93x (its convolution is the same oneDNN
+kernel); the first step compiles (23-28 s with inductor's cache warm, minutes cold).
 
 What is compiled: the modules a model's step calls (:meth:`~capsnets.models.base.CapsuleClassifier.compiled_modules`,
 ``net``, and dr_caps' decoder), each in place (``nn.Module.compile``), so checkpoints keep their parameter names and

@@ -143,6 +143,8 @@ class Routing(nn.Module):
     impl: ClassVar[str] = "reference"
     kinds: ClassVar[tuple[str, ...]] = ()
     takes_vote_factors: ClassVar[bool] = False  # route() accepts VoteFactors (else the seam materialises them)
+    # route() traces as one torch.compile graph (False: it breaks the graph, refused under compile.fullgraph=true)
+    compiles_whole: ClassVar[bool] = True
 
     @checked(routing_key)
     def __init__(

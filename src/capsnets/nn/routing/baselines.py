@@ -170,6 +170,7 @@ class RandomRouting(AssignmentBaseline):
     """
 
     vector_settings = frozenset({"logit_std", "seed", "redraw"})
+    compiles_whole = False  # the fixed draw (fixed_logits) runs outside a compiled graph
 
     @checked(routing_key)
     def __init__(
