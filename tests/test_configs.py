@@ -107,6 +107,7 @@ def test_all_paper_presets_exist():
         "mazzia2021_mnist",
         "ribeiro2020_smallnorb",
         "routing_comparison",
+        "tsai2020_cifar10",
     }
     assert len(HINTON_ROWS) == 8
 
@@ -126,6 +127,9 @@ def test_experiment_composes_and_instantiates(experiment):
     if experiment == "ribeiro2020_smallnorb":  # the release's VB recipe: its routing, W scale and learning rate
         assert cfg.model.routing.name == "vb" and cfg.model.routing.transform_init == "xavier"
         assert cfg.model.optimizer.lr == 0.001
+    if experiment == "tsai2020_cifar10":  # the release's CIFAR-10 recipe: step decay, normalised padded crops + flips
+        assert cfg.model._target_.endswith("IDACapsModule") and cfg.model.scheduler.name == "multistep"
+        assert (cfg.data.in_channels, cfg.data.image_size, cfg.data.normalize) == (3, 32, True)
     split = {"hinton2018_novel_azimuth": "azimuth", "hinton2018_novel_elevation": "elevation"}.get(experiment)
     if split:
         assert cfg.data.split == split

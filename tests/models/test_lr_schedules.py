@@ -1,4 +1,4 @@
-"""LR schedules, per optimiser step: exponential in samples seen, and cosine over the planned run."""
+"""LR schedules, per optimiser step: exponential and step decay in samples seen, and cosine over the planned run."""
 
 from __future__ import annotations
 
@@ -70,3 +70,26 @@ def test_cosine_needs_a_planned_length():
         lrs("model.scheduler.name=cosine", epochs=-1)
     with pytest.raises(ConfigError, match="model.scheduler.final_fraction"):
         build("model.scheduler.name=cosine", "model.scheduler.final_fraction=2")
+
+
+def test_multistep_decays_at_each_milestone_in_samples():
+    # batches of 32: the LR drops once 64 samples are seen (step 2) and again at 160 (step 5)
+    got = lrs(
+        "model.scheduler.name=multistep",
+        "model.scheduler.decay_rate=0.1",
+        "+model.scheduler.milestone_samples=[64,160]",
+    )
+    assert got == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.001, 0.0001], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.scheduler.name=multistep"], "multiplies the LR by decay_rate at each of milestone_samples"),
+        (["model.scheduler.name=multistep", "+model.scheduler.milestone_samples=[160,64]"], "must increase"),
+        (["model.scheduler.name=multistep", "+model.scheduler.milestone_samples=[0]"], "milestone_samples"),
+    ],
+)
+def test_multistep_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build(*overrides)

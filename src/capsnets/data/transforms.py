@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_shift", "shift_images"]
+__all__ = ["random_hflip", "random_shift", "shift_images"]
 
 
 def shift_images(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, *, max_shift: int) -> torch.Tensor:
@@ -63,3 +63,23 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | N
     device = generator.device if generator is not None else x.device
     shifts = torch.randint(-max_shift, max_shift + 1, (2, x.shape[0]), generator=generator, device=device)  # (2, B)
     return shift_images(x, shifts[0], shifts[1], max_shift=max_shift)
+
+
+def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror each image of a batch left-right with probability ``p``, independently per image (CIFAR training).
+
+    Args:
+        x: images (B, C, H, W), any dtype.
+        p: probability of flipping an image, in [0, 1].
+        generator: optional RNG for reproducible draws, on the CPU or on ``x.device``.
+
+    Returns:
+        Tensor with the shape, dtype and device of ``x``.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"random_hflip: p must be in [0, 1], got {p!r}.")
+    if x.dim() != 4:
+        raise ValueError(f"random_hflip expects images (B, C, H, W), got shape {tuple(x.shape)}.")
+    device = generator.device if generator is not None else x.device
+    flip = torch.rand(x.shape[0], generator=generator, device=device).to(x.device) < p  # (B,)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)  # (B, C, H, W)

@@ -3,8 +3,9 @@ a samples-seen counter that survives resume, and checkpoint metadata for ``eval.
 
 Schedules count samples, not steps (DESIGN.md): the exponential LR decay is defined as
 ``decay_rate`` every ``decay_samples`` training samples (the official CapsNet code decays by
-0.96 every 2,000 steps of 128 samples = 256,000 samples), so batch size and device count
-do not change the curve.
+0.96 every 2,000 steps of 128 samples = 256,000 samples), and the step decay multiplies the LR
+by ``decay_rate`` at each of ``milestone_samples``, so batch size and device count do not
+change the curve.
 """
 
 from __future__ import annotations
@@ -37,21 +38,37 @@ class OptimizerSettings(TypedDict, total=False):
 Optimizer = Annotated[OptimizerSettings, OtherKeys("torch.optim: betas, eps, nesterov, ...")]
 
 
-SchedulerName = Literal["exponential", "cosine", "none"]
+SchedulerName = Literal["exponential", "cosine", "multistep", "none"]
 
 
 class SchedulerSettings(TypedDict, total=False):
-    """``model.scheduler``: an exponential decay by ``decay_rate`` every ``decay_samples`` training samples, or a
-    cosine decay to ``final_fraction`` of the LR over the planned run, or none."""
+    """``model.scheduler``: an exponential decay by ``decay_rate`` every ``decay_samples`` training samples, a
+    cosine decay to ``final_fraction`` of the LR over the planned run, a step decay by ``decay_rate`` at each of
+    ``milestone_samples`` (training samples seen; torch's MultiStepLR counted in samples), or none."""
 
     name: SchedulerName
     decay_rate: Annotated[float, Range(1e-12, 1.0)]
     decay_samples: PositiveFloat
     final_fraction: Fraction
+    milestone_samples: list[PositiveFloat]
 
 
 def check_schedule(scheduler: SchedulerSettings) -> None:
-    """A rule across settings: the exponential decay needs its rate and its period."""
+    """Rules across settings: the exponential decay needs its rate and its period; the step decay its rate and
+    increasing milestones."""
+    if scheduler.get("name", "none") == "multistep":
+        milestones = scheduler.get("milestone_samples")
+        if not milestones or scheduler.get("decay_rate") is None:
+            raise ConfigError(
+                "model.scheduler.name=multistep multiplies the LR by decay_rate at each of milestone_samples, but "
+                f"decay_rate={scheduler.get('decay_rate')} and milestone_samples={milestones}. Fix: e.g. "
+                "model.scheduler.decay_rate=0.1 'model.scheduler.milestone_samples=[6750000,11250000]'."
+            )
+        if any(b <= a for a, b in zip(milestones, milestones[1:])):
+            raise ConfigError(
+                f"model.scheduler.milestone_samples must increase, got {list(milestones)}. "
+                f"Fix: list them in order, e.g. {sorted(set(milestones))}."
+            )
     if scheduler.get("name", "none") == "exponential":
         for name in ("decay_rate", "decay_samples"):
             if scheduler.get(name) is None:
@@ -206,6 +223,17 @@ class CapsuleClassifier(LightningModule):
                 return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if name == "multistep":
+            # lr(samples) = lr0 * decay_rate ** (number of milestones <= samples), applied per step
+            per_step = self.effective_batch_size()
+            milestones = [float(m) for m in self.scheduler_cfg["milestone_samples"]]
+            rate = float(self.scheduler_cfg["decay_rate"])
+
+            def step_factor(step: int) -> float:
+                return rate ** sum(step * per_step >= m for m in milestones)
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_factor)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         # lr(samples) = lr0 * decay_rate ** (samples / decay_samples), applied per step.
         gamma = self.scheduler_cfg["decay_rate"] ** (self.effective_batch_size() / self.scheduler_cfg["decay_samples"])
