@@ -30,6 +30,7 @@ CASES = [
     ("bool_test", ["test=maybe"], "test must be true or false"),
     ("bool_multirun_fail_fast", ["multirun_fail_fast=yes"], "multirun_fail_fast must be true or false"),
     ("bool_train", ["train=yes"], "train must be true or false"),
+    ("test_checkpoint", ["test_checkpoint=final"], "test_checkpoint must be one of"),
     ("bool_deterministic", ["trainer.deterministic=sometimes"], "trainer.deterministic"),
     ("int_A", [*EM, "model.net.A=abc"], "model.net.A must be an integer"),
     ("int_A_float", [*EM, "model.net.A=2.5"], "model.net.A must be an integer"),

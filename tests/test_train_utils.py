@@ -30,3 +30,32 @@ def test_check_ckpt_path(tmp_path):
         check_ckpt_path(str(tmp_path / "missing.ckpt"))
     with pytest.raises(ConfigError, match="is not a file"):
         check_ckpt_path(str(tmp_path))
+
+
+def test_test_checkpoint_last_tests_the_weights_at_the_end_of_training(tmp_path):
+    # two epochs; the monitored checkpoint keeps the LOWER val/acc (mode=min), so on ties and on learning it stays
+    # epoch 0's while last.ckpt holds epoch 1's weights: the tested figure must be last.ckpt's, not the best's
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from capsnets.utils.instantiate import build
+
+    from helpers import last_metric, quiet_trainer, run_cli, synthetic_run
+
+    overrides = synthetic_run(tmp_path, "run", "trainer.max_epochs=2", "callbacks.model_checkpoint.mode=min")
+    proc = run_cli("train.py", *overrides, "logger=csv", "test_checkpoint=last", "model.optimizer.lr=0.01")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    reported = last_metric(run_dir, "test/loss")
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    checkpoints = run_dir / "checkpoints"
+    (best,) = checkpoints.glob("epoch_000*.ckpt")
+
+    def test_loss(ckpt) -> float:
+        L.seed_everything(0)
+        dm, model = build(cfg.data, _convert_="all"), build(cfg.model, _convert_="all")
+        return quiet_trainer().test(model, datamodule=dm, ckpt_path=str(ckpt), verbose=False)[0]["test/loss"]
+
+    last_loss, best_loss = test_loss(checkpoints / "last.ckpt"), test_loss(best)
+    assert last_loss != best_loss
+    assert reported == pytest.approx(last_loss, rel=1e-5)

@@ -57,6 +57,7 @@ class TopLevelSettings(TypedDict, total=False):
     nonfinite: Policy  # NonFiniteGuard's policy
     nonfinite_max_skips: PositiveInt
     optimized_metric: Metric | None
+    test_checkpoint: Literal["best", "last"]
     compile: CompileSettings
 
 

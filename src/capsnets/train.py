@@ -2,7 +2,8 @@
 
 Instantiates DataModule -> model -> callbacks -> loggers -> trainer (in that order, so that
 bad config fails before any data is read or any file is written), fits, tests the best
-checkpoint and returns ``cfg.optimized_metric`` for sweepers.
+checkpoint (``test_checkpoint=last``: the weights at the end of training) and returns ``cfg.optimized_metric``
+for sweepers.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def _fit_and_test(
         logger.log_hyperparams(resolved_config(cfg))
 
     metrics: dict[str, float] = {}
-    # the checkpoint that is tested: the monitored one (conf/callbacks/model_checkpoint.yaml also keeps last.ckpt)
+    # the checkpoint that is tested: the monitored one (conf/callbacks/model_checkpoint.yaml also keeps last.ckpt),
+    # or with test_checkpoint=last the weights at the end of training
     checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
     checkpoint = next((c for c in checkpoints if c.monitor), checkpoints[0] if checkpoints else None)
     if cfg.get("train", True):
@@ -139,7 +141,10 @@ def _fit_and_test(
         test_ckpt = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
         if not cfg.get("train", True):
             test_ckpt = ckpt_path
-        if test_ckpt is None and cfg.get("train", True) and not trainer.fast_dev_run:
+        elif cfg.get("test_checkpoint", "best") == "last":
+            test_ckpt = None  # the weights in memory: those at the end of training
+            log.info("Testing the weights at the end of training (test_checkpoint=last).")
+        elif test_ckpt is None and not trainer.fast_dev_run:
             log.warning("No best checkpoint found; testing the weights at the end of training.")
         with reported_interruption(trainer):
             trainer.test(model=model, datamodule=datamodule, ckpt_path=test_ckpt)
