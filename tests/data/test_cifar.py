@@ -244,3 +244,14 @@ def test_tsai2020_preset_trains_a_step_on_cifar_files(tmp_path: Path) -> None:
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters() if p.requires_grad)
+
+
+def test_hparams_are_plain_values_that_rebuild_the_datamodule(tmp_path: Path) -> None:
+    # eval.py rebuilds the DataModule from the checkpoint's hparams, read with weights_only=True
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), normalize=True, mean=[0.1, 0.2, 0.3], search_dirs=[str(tmp_path)])
+    path = tmp_path / "hparams.pt"
+    torch.save(dict(dm.hparams), path)
+    hparams = torch.load(path, weights_only=True)
+    again = CIFAR10DataModule(**hparams)
+    assert (again.normalize, again.mean, again.std, again.flip) == (True, (0.1, 0.2, 0.3), dm.std, True)
+    assert again.search_dirs == [str(tmp_path)] and again.shift_pixels == 4
