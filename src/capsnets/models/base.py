@@ -62,7 +62,8 @@ def check_schedule(scheduler: SchedulerSettings) -> None:
             raise ConfigError(
                 "model.scheduler.name=multistep multiplies the LR by decay_rate at each of milestone_samples, but "
                 f"decay_rate={scheduler.get('decay_rate')} and milestone_samples={milestones}. Fix: e.g. "
-                "model.scheduler.decay_rate=0.1 'model.scheduler.milestone_samples=[6750000,11250000]'."
+                "model.scheduler.decay_rate=0.1 '+model.scheduler.milestone_samples=[6750000,11250000]' (+ where the "
+                "model's config has no milestone_samples)."
             )
         if any(b <= a for a, b in zip(milestones, milestones[1:])):
             raise ConfigError(
