@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from capsnets.data import FashionMNISTDataModule, MNISTDataModule
+from capsnets.data import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule, SmallNORBDataModule
 from capsnets.data.mnist import IDX_FILE_NAMES
 from capsnets.errors import ConfigError, DataError
 
@@ -127,11 +127,15 @@ def test_bad_config_values(tmp_path: Path, kwargs: dict, key: str) -> None:
         MNISTDataModule(data_dir=str(tmp_path), **kwargs)
 
 
-def test_data_dir_that_is_a_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("datamodule", [MNISTDataModule, CIFAR10DataModule, SmallNORBDataModule])
+def test_data_dir_that_is_a_file_or_empty(tmp_path: Path, datamodule: type) -> None:
+    # every file-backed DataModule checks data.data_dir alike, before reading anything
     path = tmp_path / "file.txt"
     path.write_text("x")
-    with pytest.raises(ConfigError, match="data.data_dir"):
-        MNISTDataModule(data_dir=str(path))
+    with pytest.raises(ConfigError, match=r"data\.data_dir must be a folder, but .*file\.txt is a file"):
+        datamodule(data_dir=str(path))
+    with pytest.raises(ConfigError, match=r"data\.data_dir must be a folder path, got ''"):
+        datamodule(data_dir="")
 
 
 def test_val_size_too_large(mnist_root: Path, tiny_mnist: TinyMNIST) -> None:

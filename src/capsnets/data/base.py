@@ -9,7 +9,9 @@ al. (2017) to the whole batch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -20,10 +22,27 @@ from capsnets.data.transforms import random_shift
 from capsnets.errors import ConfigError
 from capsnets.schema import NonNegativeInt, NumClasses, PositiveInt, checked
 
-__all__ = ["EVAL_SPLITS", "EvalSplit", "ImageClassificationDataModule", "TensorPairDataset", "seeded_split"]
+__all__ = [
+    "EVAL_SPLITS",
+    "EvalSplit",
+    "ImageClassificationDataModule",
+    "TensorPairDataset",
+    "data_folder",
+    "seeded_split",
+]
 
 EvalSplit = Literal["test", "val", "train"]  # what the test/predict dataloaders may serve (eval.py split=)
 EVAL_SPLITS: tuple[str, ...] = get_args(EvalSplit)
+
+
+def data_folder(data_dir: str | os.PathLike[str]) -> Path:
+    """``data.data_dir`` as a path: a folder, or one still to be made; ConfigError for an empty value or a file."""
+    if not str(data_dir):
+        raise ConfigError(f"data.data_dir must be a folder path, got {data_dir!r}. Fix: data.data_dir=<folder>.")
+    folder = Path(data_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"data.data_dir must be a folder, but {folder} is a file. Fix: data.data_dir=<dir>.")
+    return folder
 
 
 def seeded_split(n: int, val_size: int, seed: int, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:

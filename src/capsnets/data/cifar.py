@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset, seeded_split
+from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset, data_folder, seeded_split
 from capsnets.data.mnist import resolve_search_dir
 from capsnets.data.transforms import random_hflip, random_shift
 from capsnets.errors import ConfigError, DataError
@@ -163,11 +163,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
             image_size=image_size,
             num_classes=num_classes,
         )
-        if not str(data_dir):
-            raise ConfigError(f"data.data_dir must be a folder path, got {data_dir!r}. Fix: data.data_dir=<folder>.")
-        self.data_dir = Path(data_dir).expanduser()
-        if self.data_dir.exists() and not self.data_dir.is_dir():
-            raise ConfigError(f"data.data_dir must be a folder, but {self.data_dir} is a file. Fix: data.data_dir=<dir>.")
+        self.data_dir = data_folder(data_dir)
         for key, value, want in (("in_channels", in_channels, 3), ("image_size", image_size, CIFAR_SIDE)):
             if value != want:
                 raise ConfigError(f"data.{key} must be {want} for CIFAR-10's 3x32x32 colour images, got {value!r}.")

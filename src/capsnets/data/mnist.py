@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset, seeded_split
+from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset, data_folder, seeded_split
 from capsnets.data.idx import read_idx
 from capsnets.errors import ConfigError, DataError
 from capsnets.registry import register_datamodule
@@ -89,11 +89,7 @@ class MNISTDataModule(ImageClassificationDataModule):
             image_size=image_size,
             num_classes=num_classes,
         )
-        if not str(data_dir):
-            raise ConfigError(f"data.data_dir must be a folder path, got {data_dir!r}. Fix: data.data_dir=<folder>.")
-        self.data_dir = Path(data_dir).expanduser()
-        if self.data_dir.exists() and not self.data_dir.is_dir():
-            raise ConfigError(f"data.data_dir must be a folder, but {self.data_dir} is a file. Fix: data.data_dir=<dir>.")
+        self.data_dir = data_folder(data_dir)
         self.search_dirs = [str(d) for d in search_dirs]  # ListConfig -> plain list (checkpoint-safe)
         if self.in_channels != 1:
             raise ConfigError(f"data.in_channels must be 1 for grayscale {self.folder_name}, got {in_channels!r}.")

@@ -31,7 +31,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset, seeded_split
+from capsnets.data.base import ImageClassificationDataModule, TensorPairDataset, data_folder, seeded_split
 from capsnets.data.norb import INFO_LIMITS, NUM_CATEGORIES, preprocess_smallnorb
 from capsnets.errors import ConfigError, DataError
 from capsnets.registry import register_datamodule
@@ -155,9 +155,7 @@ class SmallNORBDataModule(ImageClassificationDataModule):
             image_size=image_size,
             num_classes=num_classes,
         )
-        if not str(data_dir):
-            raise ConfigError(f"data.data_dir must be a folder path, got {data_dir!r}. Fix: data.data_dir=<folder>.")
-        self.data_dir = Path(data_dir).expanduser()
+        self.data_dir = data_folder(data_dir)
         self.folder = self.data_dir / "smallnorb"
         self.split = split
         self.stereo = stereo
