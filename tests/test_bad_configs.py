@@ -59,6 +59,13 @@ CASES = [
     ("decay_rate", ["model.scheduler.decay_rate=2"], "model.scheduler.decay_rate"),
     ("decay_samples", ["model.scheduler.decay_samples=0"], "model.scheduler.decay_samples"),
     ("final_fraction", ["model.scheduler.name=cosine", "model.scheduler.final_fraction=3"], "final_fraction"),
+    ("normalised_inputs_with_a_decoder", [*DR, "data=cifar10", "data.normalize=true"], "data.normalize=true"),
+    ("multistep_without_milestones", ["model.scheduler.name=multistep"], "at each of milestone_samples"),
+    (
+        "multistep_milestones_order",
+        ["model.scheduler.name=multistep", "+model.scheduler.milestone_samples=[5000,300]"],
+        "milestone_samples must increase",
+    ),
     ("max_epochs", ["trainer.max_epochs=-5"], "trainer.max_epochs"),
     ("accumulate_0", ["+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches"),
     ("val_check_0", ["+trainer.val_check_interval=0"], "trainer.val_check_interval"),

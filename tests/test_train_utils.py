@@ -1,3 +1,4 @@
+import json
 import logging
 
 import pytest
@@ -59,3 +60,5 @@ def test_test_checkpoint_last_tests_the_weights_at_the_end_of_training(tmp_path)
     last_loss, best_loss = test_loss(checkpoints / "last.ckpt"), test_loss(best)
     assert last_loss != best_loss
     assert reported == pytest.approx(last_loss, rel=1e-5)
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["tested"] == "last" and record["metrics"]["test/loss"] == pytest.approx(last_loss, rel=1e-5)

@@ -160,9 +160,25 @@ def check_model(cfg: DictConfig) -> None:
                     f"at its first step. Fix: drop the model.net.{key} override (it follows the data by default), "
                     f"or set data.{key}={net[key]} for data that really has it."
                 )
+    if (
+        isinstance(net, DictConfig)
+        and isinstance(data, DictConfig)
+        and net.get("reconstruction")
+        and data.get("normalize")
+    ):
+        raise ConfigError(
+            "data.normalize=true standardises the images to values outside [0, 1], but the model's decoder "
+            "(model.net.reconstruction=true) reconstructs them through a sigmoid, so its loss could never reach zero. "
+            "Fix: data.normalize=false (inputs in [0, 1]), or model.net.reconstruction=false."
+        )
     loss = model.get("loss")
     if isinstance(loss, DictConfig):
         check_loss(loss)
+    scheduler = model.get("scheduler")
+    if isinstance(scheduler, DictConfig):
+        from capsnets.models.base import check_schedule
+
+        check_schedule(OmegaConf.to_container(scheduler, resolve=True))
 
 
 def check_loss(loss: DictConfig) -> None:

@@ -133,7 +133,7 @@ def _fit_and_test(
         metrics.update(scalar_metrics(trainer.callback_metrics))
         name = cfg.get("optimized_metric")
         if checkpoint is not None and name and checkpoint.monitor == name and checkpoint.best_model_score is not None:
-            # the value of the checkpoint that is tested, not the noisier last epoch's
+            # the best checkpoint's value, not the noisier last epoch's (the tested one unless test_checkpoint=last)
             # (ddp_spawn does not hand the score back; the last epoch's value is used then)
             metrics[f"{name}_best"] = float(checkpoint.best_model_score)
 

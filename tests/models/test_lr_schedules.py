@@ -72,14 +72,33 @@ def test_cosine_needs_a_planned_length():
         build("model.scheduler.name=cosine", "model.scheduler.final_fraction=2")
 
 
-def test_multistep_decays_at_each_milestone_in_samples():
-    # batches of 32: the LR drops once 64 samples are seen (step 2) and again at 160 (step 5)
+def test_multistep_decays_at_each_milestone_in_samples_seen():
+    # 80 training images in batches of 32, 32, 16: samples seen at each batch start 0, 32, 64 | 80, 112, 144.
+    # The drops come at 64 and 90 samples seen (a count of full batches would place the second at 96, a batch early)
     got = lrs(
+        "data.num_train=80",
         "model.scheduler.name=multistep",
         "model.scheduler.decay_rate=0.1",
-        "+model.scheduler.milestone_samples=[64,160]",
+        "+model.scheduler.milestone_samples=[64,90]",
     )
-    assert got == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.001, 0.0001], rel=1e-6)
+    assert got == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001], rel=1e-6)
+
+
+def test_multistep_resumes_by_samples_seen_with_another_batch_size(tmp_path):
+    # one epoch of 80 images in batches of 32 (seen: 80), then resumed in batches of 16: the LR follows the samples
+    milestones = ["model.scheduler.name=multistep", "model.scheduler.decay_rate=0.1"]
+    milestones += ["+model.scheduler.milestone_samples=[64,100]"]
+    dm, model = build("data.num_train=80", *milestones)
+    first = quiet_trainer(max_epochs=1, limit_val_batches=0)
+    first.fit(model, datamodule=dm)
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    dm, model = build("data.num_train=80", "data.batch_size=16", *milestones)
+    seen = LRs()
+    quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[seen]).fit(
+        model, datamodule=dm, ckpt_path=tmp_path / "epoch1.ckpt"
+    )
+    # batch starts at 80, 96, 112, 128, 144 samples seen: the first drop (64) was before the resume, the second at 100
+    assert seen.values == pytest.approx([0.001, 0.001, 0.0001, 0.0001, 0.0001], rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -87,7 +106,10 @@ def test_multistep_decays_at_each_milestone_in_samples():
     [
         (["model.scheduler.name=multistep"], "multiplies the LR by decay_rate at each of milestone_samples"),
         (["model.scheduler.name=multistep", "+model.scheduler.milestone_samples=[160,64]"], "must increase"),
-        (["model.scheduler.name=multistep", "+model.scheduler.milestone_samples=[0]"], "milestone_samples"),
+        (
+            ["model.scheduler.name=multistep", "+model.scheduler.milestone_samples=[0]"],
+            r"milestone_samples\[0\] must be",
+        ),
     ],
 )
 def test_multistep_settings_are_checked(overrides, message):

@@ -12,10 +12,11 @@ to 4 px per axis with zero fill (``shift_pixels``), and a random horizontal flip
 All of it runs batched on the device in :meth:`CIFAR10DataModule.on_after_batch_transfer`, after the shift and
 flip on [0, 1] images, so padded pixels are black before normalisation, as with torchvision's ``RandomCrop``.
 
-Lookup: ``<data_dir>/cifar-10-batches-bin/`` (the archive's layout), then ``<data_dir>``, then each of
-``search_dirs`` and its ``cifar-10-batches-bin/``. When the files are found nowhere, the archive
-``cifar-10-binary.tar.gz`` in ``data_dir`` (or downloaded there from :data:`CIFAR10_URL`, MD5-checked) is unpacked:
-its six batch files only, each written by name, never a path the archive names.
+Lookup: ``<data_dir>``, then each of ``search_dirs``, each followed by its ``cifar-10-batches-bin/`` (the
+archive's layout). When the files are found nowhere, the archive ``cifar-10-binary.tar.gz`` in ``data_dir`` is
+unpacked, offline; without it, and with ``download`` on, it is first downloaded there from :data:`CIFAR10_URL`.
+Unpacking checks the archive's MD5 and writes its six batch files only, each by name, never a path the archive
+names.
 """
 
 from __future__ import annotations
@@ -201,12 +202,10 @@ class CIFAR10DataModule(ImageClassificationDataModule):
 
     # ----------------------------------------------------------------- files, download, unpacking
     def candidate_dirs(self) -> list[Path]:
-        """Folders searched, in order: the archive's layout under ``data_dir``, ``data_dir``, then ``search_dirs``."""
-        dirs = [self.data_dir / CIFAR10_FOLDER, self.data_dir]
-        for entry in self.search_dirs:
-            folder = resolve_search_dir(entry)
-            dirs += [folder, folder / CIFAR10_FOLDER]
-        return dirs
+        """Folders searched, in order: ``data_dir`` then each of ``search_dirs``, each followed by its
+        ``cifar-10-batches-bin/`` (the archive's layout)."""
+        roots = [self.data_dir, *map(resolve_search_dir, self.search_dirs)]
+        return [folder for root in roots for folder in (root, root / CIFAR10_FOLDER)]
 
     def find_files(self) -> dict[str, Path] | None:
         """The six batch files from the first folder holding all of them, else None."""
@@ -215,16 +214,22 @@ class CIFAR10DataModule(ImageClassificationDataModule):
                 return {name: folder / name for name in CIFAR10_FILES}
         return None
 
+    def require_files(self, *, download: bool) -> dict[str, Path]:
+        """The six files; an archive already in ``data_dir`` is unpacked first, offline (whatever ``download``)."""
+        archive = self.data_dir / CIFAR10_ARCHIVE
+        if self.find_files() is None and archive.is_file():
+            unpack_cifar10(archive, self.data_dir / CIFAR10_FOLDER)
+        return super().require_files(download=download)
+
     def _download(self) -> None:
         archive = self.data_dir / CIFAR10_ARCHIVE
-        if not archive.is_file():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            log.info("Downloading %s into %s", CIFAR10_URL, self.data_dir)
-            partial = archive.with_name(f"{archive.name}.part")
-            with urllib.request.urlopen(CIFAR10_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                with partial.open("wb") as out:
-                    shutil.copyfileobj(response, out, length=1 << 20)
-            os.replace(partial, archive)  # only a complete file gets the real name
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log.info("Downloading %s into %s", CIFAR10_URL, self.data_dir)
+        partial = archive.with_name(f"{archive.name}.part")
+        with urllib.request.urlopen(CIFAR10_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            with partial.open("wb") as out:
+                shutil.copyfileobj(response, out, length=1 << 20)
+        os.replace(partial, archive)  # only a complete file gets the real name
         unpack_cifar10(archive, self.data_dir / CIFAR10_FOLDER)
 
     def _missing_files_error(self, download_error: BaseException | None = None) -> DataError:
@@ -236,8 +241,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
             why = "Download is off (data.download=false)." if not self.download else "prepare_data() has not run."
         fixes = [
             f"connect to the internet and keep data.download=true (fetches {CIFAR10_URL}, 162 MB, into {self.data_dir}/)",
-            f"put {CIFAR10_ARCHIVE} (the binary version) into {self.data_dir}/ and keep data.download=true: it is "
-            f"unpacked there without a download",
+            f"put {CIFAR10_ARCHIVE} (the binary version) into {self.data_dir}/: it is unpacked there, offline",
             "point data.data_dir=<folder> (or data.search_dirs=[<folder>]) at a folder that holds the six files",
         ]
         return DataError(

@@ -179,6 +179,22 @@ class CapsuleClassifier(LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.samples_seen += int(batch[0].shape[0]) * self.trainer.world_size
+        self.apply_step_decay()
+
+    def on_train_start(self) -> None:
+        self.apply_step_decay()  # a resumed run continues at the LR of the samples it has seen
+
+    def apply_step_decay(self) -> None:
+        """``model.scheduler.name=multistep``: every parameter group's LR becomes its initial LR x ``decay_rate`` **
+        (the number of ``milestone_samples`` that ``samples_seen`` has reached). Set from the samples actually seen,
+        so partial batches, another batch size or device count after a resume, all keep the milestones in samples."""
+        if self.scheduler_cfg.get("name") != "multistep" or self._trainer is None:
+            return
+        reached = sum(self.samples_seen >= float(m) for m in self.scheduler_cfg["milestone_samples"])
+        factor = float(self.scheduler_cfg["decay_rate"]) ** reached
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
 
     # Evaluation steps also return the class scores (B, K), so callbacks can use the predictions
     # without a second forward pass (e.g. capsnets.callbacks.ConfusionMatrixPictures).
@@ -226,16 +242,11 @@ class CapsuleClassifier(LightningModule):
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         if name == "multistep":
-            # lr(samples) = lr0 * decay_rate ** (number of milestones <= samples), applied per step
-            per_step = self.effective_batch_size()
-            milestones = [float(m) for m in self.scheduler_cfg["milestone_samples"]]
-            rate = float(self.scheduler_cfg["decay_rate"])
-
-            def step_factor(step: int) -> float:
-                return rate ** sum(step * per_step >= m for m in milestones)
-
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, step_factor)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            # lr(samples) = lr0 * decay_rate ** (number of milestones <= samples seen): set by apply_step_decay from
+            # samples_seen after every batch (a step-counting torch scheduler would count full batches)
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])  # kept in the optimiser's state: a resume restores it
+            return optimizer
         # lr(samples) = lr0 * decay_rate ** (samples / decay_samples), applied per step.
         gamma = self.scheduler_cfg["decay_rate"] ** (self.effective_batch_size() / self.scheduler_cfg["decay_samples"])
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)

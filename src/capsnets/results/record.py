@@ -10,6 +10,8 @@
     optimized_metric   the metric a sweeper optimises (cfg.optimized_metric) ...
     optimized_value    ... and its value: the best checkpoint's when the checkpoint callback monitors it
     metrics            every scalar metric logged at the end (test/acc, val/acc, train/loss, ...)
+    tested             the weights the test/* metrics are of: best (the checkpoint best by validation) or last
+                       (the end of training), as test_checkpoint chose; null when the job did not train and test
     paper              the preset's {metric, target, source}, or null
     curve              optional list of {samples, <metric>: value, ...}: evaluations during training
 """
@@ -87,6 +89,7 @@ def write_record(
         "optimized_metric": name,
         "optimized_value": optimized_value(metrics, name) if name else None,
         "metrics": dict(sorted(metrics.items())),
+        "tested": cfg.get("test_checkpoint", "best") if cfg.get("train", True) and cfg.get("test", True) else None,
         "paper": paper_reference(cfg),
     }
     if curve:
