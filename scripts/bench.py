@@ -330,6 +330,71 @@ def compile_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def measure_compare(case: Case, overrides: list[str], *, precision: str, device: str, steps: int) -> dict:
+    """Training img/s of the case as configured and with ``overrides`` (model settings, e.g.
+    ``model.net.primary_weight_grad=native``), interleaved in this process on the same weights (where both
+    configurations have the same parameters) and inputs, in ``precision``; both first losses, so that a setting that
+    should not change the values can be seen not to."""
+    import torch
+
+    torch.manual_seed(0)
+    base = build_module(case, []).to(device)
+    torch.manual_seed(0)
+    other = build_module(case, list(overrides)).to(device)
+    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (base, other)]
+    same_weights = shapes[0] == shapes[1]
+    if same_weights:
+        other.load_state_dict(base.state_dict())
+    x = torch.randn(case.batch, 1, case.image_size, case.image_size, device=device)
+    y = torch.randint(case.num_classes, (case.batch,), device=device)
+
+    def loss_of(module) -> float:  # one step's loss and gradients, without changing the weights
+        module.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = module.shared_step((x, y), "train")[0]
+        loss.backward()
+        return float(loss.detach())
+
+    losses = {"default": loss_of(base), "compared": loss_of(other)}  # also the warm-up step of each
+    times: dict[str, list[float]] = {"default": [], "compared": []}
+    for _ in range(steps):  # interleaved, so that a neighbour's load falls on both
+        for name, module in (("default", base), ("compared", other)):
+            times[name].append(median_seconds(lambda m=module: loss_of(m), steps=1, warmup=0, device=device))
+    return {
+        "case": case.name,
+        "precision": precision,
+        "overrides": list(overrides),
+        "same_weights": same_weights,
+        "default_train_images_per_s": case.batch / statistics.median(times["default"]),
+        "compared_train_images_per_s": case.batch / statistics.median(times["compared"]),
+        "loss_default": losses["default"],
+        "loss_compared": losses["compared"],
+    }
+
+
+def compare_table(report: dict) -> str:
+    overrides = " ".join(report["compare"])
+    same = " and weights" if all(r["same_weights"] for r in report["compared"]) else ""
+    lines = [
+        f"capsnets bench --compare, {report['time']}: {report['device_name']} ({report['device']}, "
+        f"{report['threads']} threads, allocator: {report.get('allocator', 'system')})",
+        "",
+        f"as configured vs `{overrides}`, training steps interleaved in one process, the same inputs{same}:",
+        "",
+        f"| case | precision | as configured img/s | `{overrides}` img/s | configured / compared "
+        "| loss configured / compared |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in report["compared"]:
+        ratio = row["default_train_images_per_s"] / row["compared_train_images_per_s"]
+        lines.append(
+            f"| {row['case']} | {row['precision']} | {row['default_train_images_per_s']:.1f} | "
+            f"{row['compared_train_images_per_s']:.1f} | {ratio:.2f}x | {row['loss_default']:.6g} / "
+            f"{row['loss_compared']:.6g} |"
+        )
+    return "\n".join(lines)
+
+
 def user_path(case: Case, *, device: str, steps: int) -> float | None:
     """Median images/s through ``train.py`` (perf/train_images_per_s of the Throughput callback)."""
     import tempfile
@@ -374,6 +439,10 @@ def run_child(args: argparse.Namespace) -> None:
         result = measure_compiled(case, backend=args.compile, device=args.device, steps=args.steps)
         print("BENCH-RESULT " + json.dumps(result), flush=True)
         return
+    if args.compare:
+        result = measure_compare(case, args.compare, precision=args.precision, device=args.device, steps=args.steps)
+        print("BENCH-RESULT " + json.dumps(result), flush=True)
+        return
     result = measure_case(
         case, impl=args.impl, precision=args.precision, device=args.device, steps=args.steps, warmup=args.warmup
     )
@@ -409,6 +478,7 @@ def in_child(
     cmd = [sys.executable, __file__, "--child", case.name, "--precision", precision, "--device", args.device]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--impl", impl] if impl else [])
     cmd += ["--compile", compile_backend] if compile_backend else []
+    cmd += ["--compare", *args.compare] if args.compare else []
     cmd += ["--batch", str(case.batch)]
     env = system_malloc_env() if system_malloc else os.environ.copy()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -519,6 +589,14 @@ def main() -> None:
         help="also time each case's float32 training step compiled (torch.compile, default backend inductor) against "
         "eager, interleaved in one process (the first step compiles: minutes on a CPU)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="OVERRIDE",
+        help="instead of the standard figures: each case's training step as configured and with these overrides "
+        "(e.g. model.net.primary_weight_grad=native), interleaved in one process, float32 and bf16",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -550,7 +628,16 @@ def main() -> None:
         "rows": [],
         "compile": args.compile,
         "compiled": [],
+        "compare": args.compare,
     }
+    if args.compare:
+        report["compared"] = [
+            result
+            for case in cases
+            for precision in precisions
+            if (result := in_child(args, case, impl=None, precision=precision)) is not None
+        ]
+        cases = []  # only the comparison
     for case in cases:
         for precision in precisions:
             # the variants of this case, each measured args.repeats times in turn (A B C A B C ...), medians
@@ -586,7 +673,9 @@ def main() -> None:
             result = in_child(args, case, impl=None, precision="fp32", compile_backend=args.compile)
             if result is not None:
                 report["compiled"].append(result)
-    text = routing_table(report) if args.routings else table(report)
+    text = routing_table(report) if args.routings else table(report) if report["rows"] else ""
+    if args.compare:
+        text += compare_table(report)
     if args.compile:
         text += "\n" + compile_table(report)
     print(text)

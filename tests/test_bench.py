@@ -115,6 +115,25 @@ def test_a_case_compiled_is_timed_against_eager_on_the_same_weights():
     assert "| dr_caps_b32 |" in table and "torch.compile (aot_eager)" in table
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_setting_is_timed_against_the_configuration_in_one_process(precision):
+    bench = load_bench()
+    case = bench.with_batch(next(c for c in bench.CASES if c.name == "dr_caps_b32"), 2)
+    overrides = ["model.net.primary_weight_grad=native"]
+    row = bench.measure_compare(case, overrides, precision=precision, device="cpu", steps=2)
+    assert row["case"] == "dr_caps_b32" and row["precision"] == precision and row["overrides"] == overrides
+    assert row["same_weights"]  # the setting changes no parameter: both modules start from the same weights
+    assert row["loss_compared"] == row["loss_default"]  # the weight gradient's path does not change the loss
+    assert row["default_train_images_per_s"] > 0 and row["compared_train_images_per_s"] > 0
+    table = bench.compare_table(
+        {"compare": overrides, "compared": [row], "time": "t", "device_name": "cpu0", "device": "cpu", "threads": 2}
+    )
+    assert f"| dr_caps_b32 | {precision} |" in table and "`model.net.primary_weight_grad=native` img/s" in table
+    # a setting that changes the parameters: each configuration keeps its own initial weights
+    other = bench.measure_compare(case, ["model.net.class_dim=8"], precision="fp32", device="cpu", steps=1)
+    assert not other["same_weights"] and other["loss_compared"] != other["loss_default"]
+
+
 @pytest.mark.slow
 def test_bench_routings_times_each_routing_against_its_backbones_own(tmp_path):
     cases = ["dr_caps+dynamic", "dr_caps+self_attention", "ida_caps+inverted_dot_product", "ida_caps+random"]
