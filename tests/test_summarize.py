@@ -265,6 +265,17 @@ def test_learning_curves_mean_and_std_per_sample_count(tmp_path: Path) -> None:
     assert (sweep_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
     rows = list(csv.DictReader((sweep_dir / "curves.csv").open()))
     assert len(rows) == 6 and {r["configuration"] for r in rows} == {"model=em_caps_small", "model=dr_caps"}
+    # the accuracy axis: 0-100 by default, a chosen range to zoom in, a bad range refused
+    from capsnets.results.curves import plot_curves
+
+    items = summarize.curves(result)
+    assert plot_curves(items, tmp_path / "full.png") == (0.0, 100.0)
+    assert plot_curves(items, tmp_path / "zoom.png", ylim=(50.0, 99.0)) == (50.0, 99.0)
+    zoomed = run_cli(SCRIPT, str(sweep_dir), "--curve-ylim", "50", "99", "--out", str(tmp_path / "zoomed"))
+    assert zoomed.returncode == 0, zoomed.stderr
+    assert (tmp_path / "zoomed" / "curves.png").read_bytes() != (sweep_dir / "curves.png").read_bytes()
+    bad = run_cli(SCRIPT, str(sweep_dir), "--curve-ylim", "99", "50")
+    assert bad.returncode == 2 and "need 0 <= LOW < HIGH <= 100" in bad.stderr
 
 
 @pytest.mark.parametrize("n", [1, 10, 11, 20, 41])

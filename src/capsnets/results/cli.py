@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="group by only these override keys (repeatable; same prefix matching); all other "
         "overrides, seed included, are aggregated",
     )
+    parser.add_argument(
+        "--curve-ylim",
+        metavar=("LOW", "HIGH"),
+        type=float,
+        nargs=2,
+        default=(0.0, 100.0),
+        help="accuracy range (%%) of curves.png, e.g. 95 99 to tell late differences apart (default: 0 100)",
+    )
     return parser
 
 
@@ -110,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        low, high = args.curve_ylim
+        if not 0 <= low < high <= 100:
+            raise SummaryError(f"--curve-ylim {low:g} {high:g}: need 0 <= LOW < HIGH <= 100 (accuracy in percent)")
         if len(args.sweep_dirs) > 1 and args.out is None:
             raise SummaryError(
                 f"{len(args.sweep_dirs)} sweep folders are summarised as one: pass --out DIR for the files "
@@ -124,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plotted = plot(summary, out / "summary.png")
     (out / "summary.md").write_text(render_markdown(summary, "summary.png" if plotted else None))
     write_csv(summary, out / "summary.csv")
-    curve_files = write_curves(summary, out)
+    curve_files = write_curves(summary, out, ylim=(low, high))
 
     print(render_table(summary))
     written = ["summary.md", "summary.csv"] + (["summary.png"] if plotted else []) + curve_files

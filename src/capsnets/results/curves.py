@@ -59,8 +59,9 @@ def render_curves_table(items: Sequence[Curve]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_curves(summary: Summary, out: Path) -> list[str]:
-    """Write curves.md/.csv/.png into ``out`` when the sweep recorded curves; returns the file names written."""
+def write_curves(summary: Summary, out: Path, *, ylim: tuple[float, float] = (0.0, 100.0)) -> list[str]:
+    """Write curves.md/.csv/.png into ``out`` when the sweep recorded curves; returns the file names written.
+    ``ylim``: the plot's accuracy axis in percent (e.g. (95, 99) to tell late differences apart)."""
     items = curves(summary)
     if not items:
         return []
@@ -74,7 +75,7 @@ def write_curves(summary: Summary, out: Path) -> list[str]:
         for curve in items:
             for n, stat in zip(curve.samples, curve.stats):
                 writer.writerow([curve.label, n, stat.n, repr(stat.mean), "" if stat.std is None else repr(stat.std)])
-    plot_curves(items, out / "curves.png", title=summary.task_name or summary.sweep_dir.name)
+    plot_curves(items, out / "curves.png", title=summary.task_name or summary.sweep_dir.name, ylim=ylim)
     return ["curves.md", "curves.csv", "curves.png"]
 
 
@@ -91,7 +92,10 @@ def curve_styles(n: int) -> list[tuple[tuple[float, ...], str]]:
     return [(palette[i % len(palette)], LINE_STYLES[(i // len(palette)) % len(LINE_STYLES)]) for i in range(n)]
 
 
-def plot_curves(items: Sequence[Curve], path: Path, *, title: str = "") -> None:
+def plot_curves(
+    items: Sequence[Curve], path: Path, *, title: str = "", ylim: tuple[float, float] = (0.0, 100.0)
+) -> tuple[float, float]:
+    """Plot every curve (mean ± std over seeds) into ``path``; returns the accuracy axis' limits drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,10 +111,12 @@ def plot_curves(items: Sequence[Curve], path: Path, *, title: str = "") -> None:
         ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2)
     ax.set_xlabel("training samples seen")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.set_title(f"{title}: mean ± std over seeds" if title else "mean ± std over seeds", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    drawn = ax.get_ylim()
     plt.close(fig)
+    return float(drawn[0]), float(drawn[1])
