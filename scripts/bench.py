@@ -332,8 +332,10 @@ def compile_table(report: dict) -> str:
 
 def measure_compare(case: Case, overrides: list[str], *, precision: str, device: str, steps: int) -> dict:
     """Training img/s of the case as configured and with ``overrides`` (model settings, e.g.
-    ``model.net.primary_weight_grad=native``), interleaved in this process on the same weights (where both
-    configurations have the same parameters) and inputs, in ``precision``; both first losses, so that a setting that
+    ``model.net.primary_weight_grad=native``), interleaved in this process on the same inputs, in ``precision``.
+    Where both configurations have parameters of the same shapes, the second starts from the first's weights (a
+    speed comparison: an override of the initialisation itself is then not compared) and the largest relative
+    difference of their parameter gradients after one step is reported with both losses, so that a setting that
     should not change the values can be seen not to."""
     import torch
 
@@ -356,10 +358,20 @@ def measure_compare(case: Case, overrides: list[str], *, precision: str, device:
         return float(loss.detach())
 
     losses = {"default": loss_of(base), "compared": loss_of(other)}  # also the warm-up step of each
+    grad_diff = None
+    if same_weights:  # max over parameters of max |g_compared - g_default| / max |g_default|
+        pairs = zip(base.parameters(), other.parameters())
+        grad_diff = max(
+            float((b.grad - o.grad).abs().max() / b.grad.abs().max().clamp_min(1e-30))
+            for b, o in pairs
+            if b.grad is not None and o.grad is not None
+        )
     times: dict[str, list[float]] = {"default": [], "compared": []}
-    for _ in range(steps):  # interleaved, so that a neighbour's load falls on both
-        for name, module in (("default", base), ("compared", other)):
+    order = [("default", base), ("compared", other)]
+    for _ in range(steps):  # interleaved, A B then B A, so that a neighbour's load and the order fall on both
+        for name, module in order:
             times[name].append(median_seconds(lambda m=module: loss_of(m), steps=1, warmup=0, device=device))
+        order.reverse()
     return {
         "case": case.name,
         "precision": precision,
@@ -369,28 +381,32 @@ def measure_compare(case: Case, overrides: list[str], *, precision: str, device:
         "compared_train_images_per_s": case.batch / statistics.median(times["compared"]),
         "loss_default": losses["default"],
         "loss_compared": losses["compared"],
+        "max_grad_rel_diff": grad_diff,
     }
 
 
 def compare_table(report: dict) -> str:
     overrides = " ".join(report["compare"])
-    same = " and weights" if all(r["same_weights"] for r in report["compared"]) else ""
+    same = all(r["same_weights"] for r in report["compared"])
     lines = [
         f"capsnets bench --compare, {report['time']}: {report['device_name']} ({report['device']}, "
         f"{report['threads']} threads, allocator: {report.get('allocator', 'system')})",
         "",
-        f"as configured vs `{overrides}`, training steps interleaved in one process, the same inputs{same}:",
+        f"as configured vs `{overrides}`, training steps interleaved in one process (A B, B A, ...), the same inputs"
+        + (" and weights (a speed comparison: the overrides' own initialisation is not compared)" if same else "")
+        + ":",
         "",
         f"| case | precision | as configured img/s | `{overrides}` img/s | configured / compared "
-        "| loss configured / compared |",
-        "|---|---|---:|---:|---:|---:|",
+        "| loss configured / compared | max relative gradient difference |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in report["compared"]:
         ratio = row["default_train_images_per_s"] / row["compared_train_images_per_s"]
+        diff = "-" if row.get("max_grad_rel_diff") is None else f"{row['max_grad_rel_diff']:.1e}"
         lines.append(
             f"| {row['case']} | {row['precision']} | {row['default_train_images_per_s']:.1f} | "
             f"{row['compared_train_images_per_s']:.1f} | {ratio:.2f}x | {row['loss_default']:.6g} / "
-            f"{row['loss_compared']:.6g} |"
+            f"{row['loss_compared']:.6g} | {diff} |"
         )
     return "\n".join(lines)
 
@@ -602,6 +618,10 @@ def main() -> None:
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compare and (args.routings or args.compile):
+        parser.error(
+            "--compare measures the cases as configured against the overrides; run --routings and --compile apart"
+        )
     if args.child:
         run_child(args)
         return
@@ -637,8 +657,7 @@ def main() -> None:
             for precision in precisions
             if (result := in_child(args, case, impl=None, precision=precision)) is not None
         ]
-        cases = []  # only the comparison
-    for case in cases:
+    for case in [] if args.compare else cases:  # --compare: only the comparison
         for precision in precisions:
             # the variants of this case, each measured args.repeats times in turn (A B C A B C ...), medians
             variants = {"default": dict(impl=None)}
@@ -673,9 +692,10 @@ def main() -> None:
             result = in_child(args, case, impl=None, precision="fp32", compile_backend=args.compile)
             if result is not None:
                 report["compiled"].append(result)
-    text = routing_table(report) if args.routings else table(report) if report["rows"] else ""
     if args.compare:
-        text += compare_table(report)
+        text = compare_table(report)
+    else:
+        text = routing_table(report) if args.routings else table(report)
     if args.compile:
         text += "\n" + compile_table(report)
     print(text)

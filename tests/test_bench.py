@@ -124,6 +124,7 @@ def test_a_setting_is_timed_against_the_configuration_in_one_process(precision):
     assert row["case"] == "dr_caps_b32" and row["precision"] == precision and row["overrides"] == overrides
     assert row["same_weights"]  # the setting changes no parameter: both modules start from the same weights
     assert row["loss_compared"] == row["loss_default"]  # the weight gradient's path does not change the loss
+    assert row["max_grad_rel_diff"] < (1e-4 if precision == "fp32" else 3e-2)  # ... nor the gradients
     assert row["default_train_images_per_s"] > 0 and row["compared_train_images_per_s"] > 0
     table = bench.compare_table(
         {"compare": overrides, "compared": [row], "time": "t", "device_name": "cpu0", "device": "cpu", "threads": 2}
@@ -132,6 +133,7 @@ def test_a_setting_is_timed_against_the_configuration_in_one_process(precision):
     # a setting that changes the parameters: each configuration keeps its own initial weights
     other = bench.measure_compare(case, ["model.net.class_dim=8"], precision="fp32", device="cpu", steps=1)
     assert not other["same_weights"] and other["loss_compared"] != other["loss_default"]
+    assert other["max_grad_rel_diff"] is None
 
 
 @pytest.mark.slow

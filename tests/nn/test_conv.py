@@ -83,12 +83,45 @@ def test_which_path_runs():
     assert "ConvWeightGradAsConv" in type(y.grad_fn).__name__
     assert "Convolution" in type(Conv2d(2, 2, 3, weight_grad="native")(x).grad_fn).__name__
     assert not Conv2d(2, 2, 3, weight_grad="native").uses_conv_weight_grad(x)
-    assert not Conv2d(2, 2, 3, groups=2, weight_grad="conv").uses_conv_weight_grad(x)  # grouped: torch's kernel
-    assert not Conv2d(2, 2, 3, padding="same", weight_grad="conv").uses_conv_weight_grad(x)
+    assert not Conv2d(2, 2, 3, groups=2).uses_conv_weight_grad(x)  # auto, grouped: torch's kernel
+    assert not Conv2d(2, 2, 3, padding="same").uses_conv_weight_grad(x)
+    assert Conv2d(2, 2, 3, padding="valid", weight_grad="conv")(x).shape == (1, 2, 3, 3)
     with pytest.raises(ValueError, match="weight_grad must be auto, native or conv"):
         Conv2d(2, 2, 3, weight_grad="fast")
+    with pytest.raises(ValueError, match="weight_grad='conv' needs groups=1"):
+        Conv2d(2, 2, 3, groups=2, weight_grad="conv")
 
 
 def test_primary_capsules_take_the_setting():
     caps = PrimaryCapsules(4, num_types=2, capsule_dim=4, kernel_size=3, stride=2, weight_grad="native")
     assert caps.conv.weight_grad == "native" and isinstance(caps.conv, nn.Conv2d)
+
+
+def test_second_order_gradients():
+    # a gradient penalty differentiates the backward pass: gradgradcheck in float64, and under bf16 autocast the
+    # same second-order weight gradient as torch's kernel (the autocast casts are recorded outside the Function)
+    torch.manual_seed(0)
+    conv = Conv2d(2, 3, 3, stride=2, padding=1, weight_grad="conv").double()
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda x, w, b: conv._conv_forward_as(x, w, b), (x, conv.weight, conv.bias))
+
+    native = nn.Conv2d(4, 4, 5, stride=2)
+    ours = Conv2d(4, 4, 5, stride=2, weight_grad="conv")
+    ours.load_state_dict(native.state_dict())
+    xb = torch.randn(3, 4, 12, 12)
+    grads = []
+    for conv in (native, ours):
+        xx = xb.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(xx)
+        (gx,) = torch.autograd.grad(y.float().square().sum(), xx, create_graph=True)
+        gx.square().sum().backward()
+        grads.append(conv.weight.grad.clone())
+    assert float((grads[1] - grads[0]).abs().max() / grads[0].abs().max()) < 3e-2
+
+
+def test_float64_is_not_lowered_by_autocast():
+    conv = Conv2d(2, 2, 3, weight_grad="conv").double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(torch.randn(1, 2, 5, 5, dtype=torch.float64))
+    assert y.dtype == torch.float64  # as torch's own conv2d under autocast

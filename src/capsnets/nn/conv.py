@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Conv2d", "WeightGrad", "conv2d_weight_grad"]
+__all__ = ["AUTOCAST_DTYPES", "Conv2d", "WeightGrad", "conv2d_weight_grad"]
 
 WeightGrad = Literal["auto", "native", "conv"]  # auto: conv on a CPU, native elsewhere (cuDNN)
 
@@ -52,7 +52,8 @@ def conv2d_weight_grad(
 
 class _ConvWeightGradAsConv(torch.autograd.Function):
     """conv2d forward; backward: the input gradient by torch's kernel, the weight gradient by
-    :func:`conv2d_weight_grad`. Under CPU autocast it computes in the autocast dtype, as ``F.conv2d`` would."""
+    :func:`conv2d_weight_grad`. Runs in the dtype of its inputs (:class:`Conv2d` casts them for autocast first,
+    where autograd records the casts, so second-order gradients flow through them)."""
 
     @staticmethod
     def forward(
@@ -64,16 +65,9 @@ class _ConvWeightGradAsConv(torch.autograd.Function):
         padding: tuple[int, int],
         dilation: tuple[int, int],
     ) -> torch.Tensor:
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device, enabled=False):
-            out = F.conv2d(x, weight, bias, stride, padding, dilation)  # (B, C_out, H_out, W_out)
         ctx.save_for_backward(x, weight)
         ctx.settings = (stride, padding, dilation, bias is not None)
-        return out
+        return F.conv2d(x, weight, bias, stride, padding, dilation)  # (B, C_out, H_out, W_out)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -82,9 +76,7 @@ class _ConvWeightGradAsConv(torch.autograd.Function):
         grad_out = grad_out.to(x.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, stride, padding, dilation, False, (0, 0), 1, (True, False, False)
-            )[0]
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, stride, padding, dilation)
         if ctx.needs_input_grad[1]:
             grad_w = conv2d_weight_grad(x, grad_out, weight.shape[2:], stride, padding, dilation)
         if has_bias and ctx.needs_input_grad[2]:
@@ -92,28 +84,55 @@ class _ConvWeightGradAsConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what autocast lowers (never float64)
+
+
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` (same parameters, state-dict keys and forward values) whose weight gradient is
     computed as a forward convolution when ``weight_grad`` says so: ``conv``, or ``auto`` on a CPU;
-    ``native`` always uses torch's backward kernel. Groups other than 1 and non-zero padding modes other
-    than ``zeros`` use torch's kernel."""
+    ``native`` always uses torch's backward kernel. The forward pass and the input gradient are torch's. Under
+    autocast the input, weight and bias are cast as ``F.conv2d`` would be (float64 stays float64). ``conv``
+    needs groups 1, zero padding and numeric (or ``valid``) padding; ``auto`` falls back to torch's kernel
+    otherwise."""
 
     def __init__(self, *args: Any, weight_grad: WeightGrad = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if weight_grad not in ("auto", "native", "conv"):
             raise ValueError(f"Conv2d: weight_grad must be auto, native or conv, got {weight_grad!r}")
         self.weight_grad = weight_grad
+        if weight_grad == "conv" and not self.supports_conv_weight_grad():
+            raise ValueError(
+                f"Conv2d: weight_grad='conv' needs groups=1, padding_mode='zeros' and numeric padding, got "
+                f"groups={self.groups}, padding_mode={self.padding_mode!r}, padding={self.padding!r}. "
+                f"Fix: weight_grad='auto' (torch's kernel for such a convolution) or 'native'."
+            )
+
+    def supports_conv_weight_grad(self) -> bool:
+        return self.groups == 1 and self.padding_mode == "zeros" and self.padding != "same"
 
     def uses_conv_weight_grad(self, x: torch.Tensor) -> bool:
         """Whether this call computes the weight gradient as a forward convolution."""
-        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if not self.supports_conv_weight_grad():
             return False
         return self.weight_grad == "conv" or (self.weight_grad == "auto" and x.device.type == "cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_conv_weight_grad(x):
             return super().forward(x)
-        return _ConvWeightGradAsConv.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        weight, bias = self.weight, self.bias
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.dtype in AUTOCAST_DTYPES and weight.dtype in AUTOCAST_DTYPES:
+            # the casts F.conv2d gets from autocast, here outside the Function: recorded by autograd
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device, enabled=False):
+            return self._conv_forward_as(x, weight, bias)
+
+    def _conv_forward_as(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The weight-gradient-as-convolution path on the given (already cast) tensors."""
+        padding = (0, 0) if self.padding == "valid" else self.padding
+        return _ConvWeightGradAsConv.apply(x, weight, bias, self.stride, padding, self.dilation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_grad={self.weight_grad}"
