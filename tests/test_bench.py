@@ -177,3 +177,10 @@ def test_repeated_measurements_are_merged_into_medians_of_every_figure():
     assert merged["train_images_per_s"] == 75.0 and merged["peak_memory_mb"] == 950.0  # a 2x outlier is outvoted
     assert merged["case"] == "c" and merged["routing_layers_timed"] == 3 and merged["repeats"] == 3
     assert runs[0]["train_images_per_s"] == 30.0  # the inputs are left as they were
+
+
+@pytest.mark.parametrize("other", [["--routings"], ["--compile"]])
+def test_compare_is_refused_alongside_routings_or_compile(other):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--compare", "model.net.primary_weight_grad=native"]
+    proc = subprocess.run(cmd + other, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "run --routings and --compile apart" in proc.stderr
