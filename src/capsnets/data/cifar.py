@@ -274,8 +274,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """On the device: [0, 1] floats; while training the random shift (padded crop) and flip; then normalisation."""
-        x, y = batch
-        x = x.float() / 255.0 if not torch.is_floating_point(x) else x
+        x, y = super().eval_batch(batch)  # [0, 1] floats
         trainer = self.trainer
         if trainer is not None and trainer.training:
             if self.shift_pixels > 0:
@@ -286,8 +285,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
 
     def eval_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch as validation and test see it: [0, 1] floats, normalised when ``normalize`` is set."""
-        x, y = batch
-        x = x.float() / 255.0 if not torch.is_floating_point(x) else x
+        x, y = super().eval_batch(batch)  # [0, 1] floats
         return self.standardise(x), y
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
