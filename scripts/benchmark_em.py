@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from capsnets.nets import EMCapsNet
 from capsnets.nn.routing import ROUTINGS, Routing, RoutingResult, VoteFactors, routing_layers
+from capsnets.nn.routing.base import routing_settings
 
 MODELS = {"em_caps": dict(A=32, B=32, C=32, D=32), "em_caps_small": dict(A=64, B=8, C=16, D=16)}
 
@@ -129,6 +130,9 @@ def max_difference(a: RoutingResult, b: RoutingResult) -> float:
 def build(args: argparse.Namespace, name: str, impl: str, device: torch.device) -> EMCapsNet:
     torch.manual_seed(args.seed)  # the same weights for every implementation
     routing = {"name": name, "impl": impl, "iterations": args.iterations, "moment_dtype": args.moment_dtype}
+    # only the settings this routing has (variational Bayes routing has no moment_dtype)
+    settings = routing_settings(ROUTINGS[name][impl])
+    routing = {key: value for key, value in routing.items() if key in ("name", "impl") or key in settings}
     size = {"in_channels": 1, "image_size": args.image_size, "num_classes": args.num_classes}
     return EMCapsNet(**size, **MODELS[args.model], routing=routing).to(device)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from capsnets.nn import RoutingCapsules, build_routing, squash
-from capsnets.nn.routing import ChildLayout, RoutingTrace, vote_passes
+from capsnets.nn.routing import ChildLayout, RoutingTrace, kernels
 from capsnets.nn.routing import dynamic_routing as routing_in_layout
 from capsnets.nn.routing.dynamic import fused_dynamic_routing
 from capsnets.nn.routing.layout import softmax_last
@@ -187,7 +187,7 @@ def test_conv_layout_normalises_each_child_over_every_covering_parent(impl):
 @pytest.mark.parametrize("conv", [False, True])
 def test_fused_equals_reference_in_values_gradients_and_trace(conv, detach_inner, chunk, monkeypatch):
     if chunk is not None:
-        monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", chunk)
     torch.manual_seed(5)
     if conv:  # 4 input positions, kernel 2, stride 1: the middle children sit in 2 patches
         layout = ChildLayout(torch.tensor([0, 1, 1, 2, 2, 3]), 4)

@@ -12,7 +12,7 @@ import torch
 
 from capsnets.errors import ConfigError
 from capsnets.nn.conv_caps import conv_child_index
-from capsnets.nn.routing import ChildLayout, VoteFactors, inverse_temperatures, vote_passes
+from capsnets.nn.routing import ChildLayout, VoteFactors, inverse_temperatures, kernels
 from capsnets.nn.routing.em import EMVariant
 from capsnets.nn.routing.em import em_routing as reference_em_routing
 from capsnets.nn.routing.em_fused import fused_em_routing
@@ -383,7 +383,7 @@ CHUNKS = [None, 1, 5000, 1600]
 @pytest.mark.parametrize("conv", [True, False])
 def test_fused_equals_reference_values_and_gradients(conv, normalisation, chunk, monkeypatch):
     if chunk is not None:
-        monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", chunk)
     inputs = as_double(routing_inputs("randn", conv=conv))
     V, a_in = inputs.pop("V").requires_grad_(True), inputs.pop("a_in").requires_grad_(True)
     beta_u, beta_a = inputs.pop("beta_u").requires_grad_(True), inputs.pop("beta_a").requires_grad_(True)
@@ -521,7 +521,7 @@ def test_votes_by_their_factors_equal_the_votes_tensor_in_values_and_gradients(c
     # fused EM forms the votes itself, block by block, from a layer's VoteFactors; the routing of the factors must
     # equal the routing of the votes they make, and the gradients reach the pose, the weight and the offset
     if chunk is not None:
-        monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", chunk)
     inputs = as_double(routing_inputs("randn", conv=conv))
     b, p, k, t_in, t_out, d = inputs.pop("V").shape
     torch.manual_seed(1)

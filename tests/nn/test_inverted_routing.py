@@ -15,7 +15,7 @@ from capsnets.nn.routing import (
     RoutingTrace,
     VoteFactors,
     build_routing,
-    vote_passes,
+    kernels,
 )
 from capsnets.nn.routing.base import DEFAULT_IMPLS
 
@@ -120,7 +120,7 @@ def test_settings_are_checked():
 def test_fused_step_equals_the_reference_step_also_through_the_previous_poses(normalisation, chunk, monkeypatch):
     # concurrent routing (ida_caps) calls step() with parents' poses that carry gradients of their own
     if chunk is not None:
-        monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(7)
     V = torch.randn(2, 4, 9, 2, 3, 16, generator=g, dtype=torch.float64).transpose(2, 3)  # strided, as einsum's
     V = V.contiguous().transpose(2, 3).requires_grad_(True)  # (B, P, K, T_in, T_out, D) with K, T_in swapped in memory
@@ -158,7 +158,7 @@ def test_fused_is_the_default():
 def test_votes_by_their_factors_equal_the_votes_tensor_in_values_and_gradients(iterations, chunk, monkeypatch):
     # the pose-capsule layers hand the fused routing their votes' factors; it forms the votes itself, block by block
     if chunk is not None:
-        monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(11)
     pose = torch.randn(2, 4, 9, 2, 16, generator=g, dtype=torch.float64, requires_grad=True)
     weight = (0.5 * torch.randn(9, 2, 3, 16, 16, generator=g, dtype=torch.float64)).requires_grad_(True)

@@ -9,7 +9,7 @@ import torch
 
 from capsnets.errors import ConfigError
 from capsnets.nn.conv_caps import conv_child_index
-from capsnets.nn.routing import ChildLayout, FusedVBRouting, VBRouting, VoteFactors, build_routing, vote_passes
+from capsnets.nn.routing import ChildLayout, FusedVBRouting, VBRouting, VoteFactors, build_routing, kernels
 from capsnets.nn.routing.base import DEFAULT_IMPLS
 
 CONV = ChildLayout(conv_child_index(4, 4, kernel_size=3, stride=1), 16)
@@ -275,7 +275,7 @@ def test_the_fused_implementation_is_the_default_and_forms_the_votes_itself():
 @pytest.mark.parametrize("factors", [False, True])
 def test_fused_equals_the_reference_in_values_gradients_and_every_iteration(factors, normalisation, chunk, monkeypatch):
     if chunk is not None:
-        monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(3)
     pose = torch.randn(2, 4, 9, 2, 16, generator=g, dtype=torch.float64, requires_grad=True)
     weight = (0.3 * torch.randn(9, 2, 3, 16, 16, generator=g, dtype=torch.float64)).requires_grad_(True)

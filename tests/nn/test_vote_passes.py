@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from capsnets.nn.routing import vote_passes
+from capsnets.nn.routing import kernels, vote_passes
 from capsnets.nn.routing.vote_passes import (
     ParentVotes,
     VoteDot,
@@ -20,7 +20,7 @@ from capsnets.nn.routing.vote_passes import (
 def test_blocks_cover_every_image_position_pair_once_in_the_parents_order(
     b, p, per_position, chunk, device, monkeypatch
 ):
-    monkeypatch.setattr(vote_passes, "CHUNK_ELEMENTS" if device == "cpu" else "ACCELERATOR_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS" if device == "cpu" else "ACCELERATOR_CHUNK_ELEMENTS", chunk)
     blocks = position_chunks(b, p, per_position, device)
     pairs = [
         (i, q) for images, ps in blocks for i in range(images.start, images.stop) for q in range(ps.start, ps.stop)

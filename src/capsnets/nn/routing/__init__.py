@@ -27,6 +27,7 @@ from capsnets.nn.routing import (  # noqa: F401
     em,
     em_fused,
     inverted,
+    kernels,
     self_attention,
     vb,
     vb_fused,

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, Votes, register_routing, routing_key
+from capsnets.nn.routing.kernels import KernelMode
 from capsnets.nn.routing.layout import ChildLayout, Normalisation
 from capsnets.schema import BoundedFloat, PositiveFloat, PositiveInt, Range, checked
 
@@ -130,6 +131,10 @@ class EMRoutingBase(Routing):
         moment_dtype: ``float32`` or ``float64``, the dtype of the vote-sized tensors (outputs keep the votes'
             dtype). ``impl: fused`` keeps its per-parent statistics in float64 and re-centres the votes on each
             M-step's mean, so float32 matches float64 to ~1e-6 (tests); ``impl: reference`` computes plainly.
+        kernels: how ``impl: fused`` runs its passes over the votes (:mod:`~capsnets.nn.routing.kernels`): ``auto``
+            (compiled by torch.compile where it works: a CPU with a C++ compiler, a CUDA GPU; else eager),
+            ``compiled`` (an error where compiling fails) or ``eager`` (batched products, never compiles); the
+            same values either way. ``impl: reference`` is plain autograd and has no such passes.
         log_variance, beta_u_scale, beta_a_scale, mean_smoothing: the release's way of writing the
             M-step (:class:`EMVariant`; defaults: the paper's).
         detach_assignments: treat each E-step's assignments as constants in back-propagation (the
@@ -152,6 +157,7 @@ class EMRoutingBase(Routing):
         eps: PositiveFloat = 1e-8,
         normalisation: Normalisation = "covering",
         moment_dtype: MomentDtype = "float32",
+        kernels: KernelMode = "auto",
         log_variance: bool = False,
         beta_u_scale: PositiveFloat = 1.0,
         beta_a_scale: PositiveFloat = 1.0,
@@ -171,6 +177,7 @@ class EMRoutingBase(Routing):
         self.eps = float(eps)
         self.normalisation = normalisation
         self.moment_dtype = moment_dtype
+        self.kernels = kernels
         self.variant = EMVariant(
             log_variance=log_variance,
             beta_u_scale=float(beta_u_scale),

@@ -51,68 +51,49 @@ import torch.nn.functional as F
 
 from capsnets.nn.routing.base import RoutingResult, RoutingTrace, VoteFactors, Votes, register_routing
 from capsnets.nn.routing.em import PAPER, EMRoutingBase, EMVariant, activation_logits, smoothed_mean
+from capsnets.nn.routing.kernels import EAGER, EagerKernels, KernelMode, vote_kernels
 from capsnets.nn.routing.layout import ChildLayout
-from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum, first_order_only, parent_chunks
+from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum, first_order_only
 
 STATS = torch.float64  # the per-parent statistics' dtype
 
 
-def squares(U: torch.Tensor, c: torch.Tensor, rows: slice) -> torch.Tensor:
-    """``Q = (U - c)^2`` for the parents ``rows``: (g, N, D), formed block by block, never for all parents."""
-    return (U[rows] - c[rows, None]).square_()
-
-
 class SquareSum(torch.autograd.Function):
     """M-step second moment ``S[g] = sum_n w[g, n] Q[g, n]`` with ``Q = (U - c)^2`` (c a constant): (G, N) -> (G, D);
-    one plain and one scaled token pair (``dL/dU = 2 (U - c) * (w x dS)``). Q is formed block by block, in the
-    forward and again in the backward pass, and never kept."""
+    one plain and one scaled token pair (``dL/dU = 2 (U - c) * (w x dS)``). Q is never kept: the kernels form it
+    where it is read (eager: block by block), in the forward and again in the backward pass."""
 
     @staticmethod
-    def forward(ctx, U, c, plain_n, plain_d, scaled_n, scaled_d, w):  # type: ignore[override]
+    def forward(ctx, U, c, plain_n, plain_d, scaled_n, scaled_d, w, kernels: EagerKernels = EAGER):  # type: ignore[override]
         ctx.save_for_backward(U, c, w)
-        S = U.new_empty(U.shape[0], U.shape[2])
-        for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):
-            torch.bmm(w[rows, None], squares(U, c, rows), out=S[rows, None])  # (g, 1, N) @ (g, N, D)
-        return S
+        ctx.kernels = kernels
+        return kernels.square_sum(U, c, w)
 
     @staticmethod
     @first_order_only
     def backward(ctx, dS):  # type: ignore[override]
         U, c, w = ctx.saved_tensors
-        dw = None
-        if ctx.needs_input_grad[6]:
-            dw = U.new_empty(U.shape[:2])
-            for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):  # (g, 1, D) @ (g, D, N)
-                torch.bmm(dS[rows, None], squares(U, c, rows).transpose(1, 2), out=dw[rows, None])
-        return None, None, w, -2.0 * c * dS, w, 2.0 * dS, dw
+        dw = ctx.kernels.square_dot(U, c, dS) if ctx.needs_input_grad[6] else None
+        return None, None, w, -2.0 * c * dS, w, 2.0 * dS, dw, None
 
 
 class PoseSum(torch.autograd.Function):
     """E-step contraction ``q[g, n] = sum_h U[g, n, h] f1[g, h] + Q[g, n, h] f2[g, h]`` with ``Q = (U - c)^2``:
-    (G, D) x 2 -> (G, N); one plain and one scaled token pair. One read of U per block, Q formed from it."""
+    (G, D) x 2 -> (G, N); one plain and one scaled token pair. One read of U, Q formed from it."""
 
     @staticmethod
-    def forward(ctx, U, c, plain_n, plain_d, scaled_n, scaled_d, f1, f2):  # type: ignore[override]
+    def forward(ctx, U, c, plain_n, plain_d, scaled_n, scaled_d, f1, f2, kernels: EagerKernels = EAGER):  # type: ignore[override]
         ctx.save_for_backward(U, c, f1, f2)
-        q = U.new_empty(U.shape[0], 1, U.shape[1])
-        for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):
-            # (g, 1, D) @ (g, D, N) -> (g, 1, N), twice
-            torch.bmm(f1[rows, None], U[rows].transpose(1, 2), out=q[rows])
-            q[rows].baddbmm_(f2[rows, None], squares(U, c, rows).transpose(1, 2))
-        return q.squeeze(1)
+        ctx.kernels = kernels
+        return kernels.pose_sum(U, c, f1, f2)
 
     @staticmethod
     @first_order_only
     def backward(ctx, dq):  # type: ignore[override]
         U, c, f1, f2 = ctx.saved_tensors
-        df1 = U.new_empty(U.shape[0], 1, U.shape[2]) if ctx.needs_input_grad[6] else None
-        df2 = U.new_empty(U.shape[0], 1, U.shape[2]) if ctx.needs_input_grad[7] else None
-        if df1 is not None or df2 is not None:
-            for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):
-                if df1 is not None:
-                    torch.bmm(dq[rows, None], U[rows], out=df1[rows])  # (g, 1, N) @ (g, N, D)
-                if df2 is not None:
-                    torch.bmm(dq[rows, None], squares(U, c, rows), out=df2[rows])
+        df1 = df2 = None
+        if ctx.needs_input_grad[6] or ctx.needs_input_grad[7]:
+            df1, df2 = ctx.kernels.pose_sum_grads(U, c, dq)
         # dL/dU = dq x f1 + 2 (U - c) * (dq x f2)
         return (
             None,
@@ -121,8 +102,9 @@ class PoseSum(torch.autograd.Function):
             f1 - 2.0 * c * f2,
             dq,
             2.0 * f2,
-            None if df1 is None else df1.squeeze(1),
-            None if df2 is None else df2.squeeze(1),
+            df1 if ctx.needs_input_grad[6] else None,
+            df2 if ctx.needs_input_grad[7] else None,
+            None,
         )
 
 
@@ -134,6 +116,7 @@ def spread_about(
     mass: torch.Tensor,
     tokens: Sequence[torch.Tensor],
     w: torch.Tensor,
+    kernels: EagerKernels = EAGER,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sum_i w_i (V_i - mu)^2`` per parent in one pass over U = V - c0 (the M-step's pass 2, module docstring).
 
@@ -146,7 +129,7 @@ def spread_about(
     """
     c = (mu - c0).detach().to(U.dtype).view(-1, mu.shape[-1])  # (G, D)
     c_s = c.to(STATS).view_as(mu)
-    E_Q = SquareSum.apply(U, c, *tokens, w).to(STATS).view_as(mu)
+    E_Q = SquareSum.apply(U, c, *tokens, w, kernels).to(STATS).view_as(mu)
     delta = mu - c0 - c_s
     return E_Q - 2 * delta * (E_U - mass * c_s) + mass * delta**2, c, delta
 
@@ -165,6 +148,7 @@ def m_step(
     eps: float,
     variant: EMVariant = PAPER,
     mu_previous: torch.Tensor | None = None,
+    kernels: EagerKernels = EAGER,
 ) -> tuple[torch.Tensor, ...]:
     """M-step for every parent j in two passes over the votes U = V - c0 (module docstring).
 
@@ -181,11 +165,11 @@ def m_step(
     mass = (sum_R / (sum_R + eps))[..., None]  # sum_i R_norm_ij: 1, or 0 for an empty parent, (B, P, T_out, 1)
     w = R_norm.reshape(b * p * t_out, -1).to(U.dtype)  # (G, N)
     # pass 1: E[U] = sum_i w_i U_i, mu = m c0 + E[U] (line 3), smoothed as the variant asks
-    E_U = VoteSum.apply(U, *tokens[0:2], w).to(STATS).view(b, p, t_out, d)
+    E_U = VoteSum.apply(U, *tokens[0:2], w, kernels).to(STATS).view(b, p, t_out, d)
     c0 = c0.view(b, p, t_out, d)
     mu = smoothed_mean(mass * c0 + E_U, mu_previous, variant)
     # pass 2, line 4: the weighted squared distances from mu
-    sigma_sq, c, delta = spread_about(mu, U, c0, E_U, mass, tokens[2:6], w)
+    sigma_sq, c, delta = spread_about(mu, U, c0, E_U, mass, tokens[2:6], w, kernels)
     # straight-through clamp: rounding can land a zero variance (a parent with one child) just below 0; the
     # forward pass clamps it, the backward pass keeps the true gradient (a plain clamp would zero the
     # gradient with respect to every other child's activation there)
@@ -204,6 +188,7 @@ def e_step(
     layout: ChildLayout,
     normalisation: str,
     k: int,
+    kernels: EagerKernels = EAGER,
 ) -> torch.Tensor:
     """E-step for every child i, ``R_ij = a_j p_ij / sum_k a_k p_ik`` in the log domain (module docstring).
 
@@ -214,7 +199,7 @@ def e_step(
     # sum_h (U - c - delta)^2 / sigma^2 = sum_h Q / sigma^2 + sum_h U f1 + sum_h (2 c delta + delta^2) / sigma^2
     f1 = (-2.0 * delta * inv_var).view(b * p * t_out, -1)
     f2 = inv_var.view(b * p * t_out, -1)
-    q = PoseSum.apply(U, c, *tokens, f1.to(U.dtype), f2.to(U.dtype)).view(b, p, t_out, k, -1)  # in U's dtype
+    q = PoseSum.apply(U, c, *tokens, f1.to(U.dtype), f2.to(U.dtype), kernels).view(b, p, t_out, k, -1)  # in U's dtype
     c = c.to(STATS).view_as(delta)
     # log p_ij = sum_h log N(V_ij^h; mu_j^h, sigma_j^h) = -0.5 (q_ij + the parent's terms)
     per_parent = ((2 * c + delta) * delta * inv_var + torch.log(2 * math.pi * sigma_sq)).sum(dim=-1)  # (B, P, T_out)
@@ -241,12 +226,14 @@ def fused_em_routing(
     variant: EMVariant = PAPER,
     moment_dtype: torch.dtype = torch.float32,
     trace: RoutingTrace | None = None,
+    kernels: KernelMode = "eager",
 ) -> RoutingResult:
     """Procedure 1: ``len(lambdas)`` iterations of M-step (every parent) then E-step (every child).
 
     Args as :func:`capsnets.nn.routing.em.em_routing`; V (B, P, K, T_in, T_out, D) in any strides, or its
     :class:`~capsnets.nn.routing.VoteFactors` (formed block by block, never whole); ``moment_dtype`` the dtype of
-    the vote-sized tensors (outputs are returned in it). Runs with autocast off
+    the vote-sized tensors (outputs are returned in it); ``kernels`` how the passes over the votes run
+    (:func:`~capsnets.nn.routing.kernels.vote_kernels`: ``auto``, ``eager`` or ``compiled``). Runs with autocast off
     (as every routing does, :class:`~capsnets.nn.routing.base.Routing`), also when called directly.
     """
     if torch.is_autocast_enabled(V.device.type):
@@ -264,13 +251,21 @@ def fused_em_routing(
                 variant=variant,
                 moment_dtype=moment_dtype,
                 trace=trace,
+                kernels=kernels,
             )
     layout = layout if layout is not None else ChildLayout()
     b, p, k, t_in, t_out, d = V.shape
     iterations = len(lambdas)
     a_in, beta_u, beta_a = (x.to(STATS) for x in (a_in, beta_u, beta_a))
     # token pairs: per M-step 1 plain (mean) + 1 plain and 1 scaled (second moment); per E-step 1 + 1
-    uses = (2 * iterations + (iterations - 1), 2 * iterations - 1, moment_dtype)
+    uses = (
+        2 * iterations + (iterations - 1),
+        2 * iterations - 1,
+        moment_dtype,
+        True,
+        vote_kernels(kernels, a_in.device),
+    )
+    kernels = uses[-1]
     if isinstance(V, VoteFactors):
         U, c0, *tokens = FactorVotes.apply(V.pose, V.weight, V.offset, *uses)
     else:
@@ -295,12 +290,13 @@ def fused_em_routing(
             eps=eps,
             variant=variant,
             mu_previous=mu,
+            kernels=kernels,
         )
         if trace is not None:
             trace.record(R.permute(0, 1, 3, 4, 2), torch.sigmoid(logits))  # R as (B, P, K, T_in, T_out)
         if t < iterations - 1:
             e_tokens = (*plain[6 * t + 4 : 6 * t + 6], *scaled[4 * t + 2 : 4 * t + 4])
-            R = e_step(U, c, e_tokens, delta, sigma_sq, logits, layout, normalisation, k)
+            R = e_step(U, c, e_tokens, delta, sigma_sq, logits, layout, normalisation, k, kernels)
             if variant.detach_assignments:
                 R = R.detach()
     out = (mu, torch.sigmoid(logits), R.permute(0, 1, 3, 4, 2))
@@ -332,5 +328,6 @@ class FusedEMRouting(EMRoutingBase):
             variant=self.variant,
             moment_dtype=self.dtype_for(votes),
             trace=trace,
+            kernels=self.kernels,
         )
         return RoutingResult(*(x.to(votes.dtype) for x in result))

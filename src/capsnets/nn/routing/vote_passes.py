@@ -2,15 +2,14 @@
 
 Routing is memory-bound on the votes, V (B, P, K, T_in, T_out, D): every iteration contracts them with small
 per-parent or per-child operands. The fused implementations copy them once into the parents' layout, U (G, N, D)
-with G = B * P * T_out parents of N = K * T_in votes each (:class:`ParentVotes`), and run every contraction as a
-batched product over the parents in the form that reads U fastest (``(G, 1, N) @ (G, N, D)`` and
-``(G, 1, D) @ (G, D, N)``; measured 3-5x faster on CPU than the transposed ``(G, D, N) @ (G, N, 1)`` and
-``(G, N, D) @ (G, D, 1)`` that einsum's backward picks).
+with G = B * P * T_out parents of N = K * T_in votes each (:class:`ParentVotes`), and run every contraction through
+a set of kernels (:mod:`~capsnets.nn.routing.kernels`): batched products over the parents in cache-sized blocks
+(``eager``), or each contraction compiled into one fused loop (``compiled``).
 
 **One write of the vote gradient.** The gradient of every such use with respect to U is an outer product
 ``left (G, N) x right (G, D)`` (for a square ``(U - c)^2``, U times one). Each use hands its pair back as the
 gradients of two zero *tokens* (outputs of :class:`ParentVotes`, inputs of the use), and ParentVotes' backward sums
-all of them in one batched product per block of parents, ``(g, N, uses) @ (g, uses, D)``, and writes dL/dV once,
+all of them per block of parents (eager: one batched product ``(g, N, uses) @ (g, uses, D)``), and writes dL/dV once,
 in V's own strides, where plain autograd would write and add one vote-sized gradient per use.
 
 **Votes from their factors.** A capsule layer whose votes are ``V = pose @ W (+ offset)`` can hand over the factors
@@ -22,29 +21,19 @@ from __future__ import annotations
 
 import torch
 
-# vote-sized work on a CPU runs in blocks of about this many elements (8 MB in float32), so that what a block
-# forms (Q, a vote gradient) is read back from cache, and no vote-sized temporary is ever allocated
-CHUNK_ELEMENTS = 1 << 21
-# ... and on an accelerator in blocks of about this many (512 MB in float32): there a block costs a few kernel
-# launches and their Python, not cache misses, and CPU-sized blocks would cut em_caps' ConvCaps1 at batch 64 (340M
-# vote elements) into 163 blocks, each pass over the votes ~500 launches; these blocks make it 3
-ACCELERATOR_CHUNK_ELEMENTS = 1 << 27
+from capsnets.nn.routing.kernels import (  # noqa: F401 - the blocks' sizes live with the kernels
+    ACCELERATOR_CHUNK_ELEMENTS,
+    CHUNK_ELEMENTS,
+    EAGER,
+    EagerKernels,
+    chunk_elements,
+    parent_chunks,
+)
+
 # forming votes from their factors (FactorVotes) works in bigger blocks, FACTOR_BLOCKS x chunk_elements
 # elements (on a CPU em_caps: about 3 images of ConvCaps1): its backward accumulates dL/dW once per block, a bmm whose
 # inner dimension is the block's positions, and CPU blocks of CHUNK_ELEMENTS made that pass 2x slower (measured)
 FACTOR_BLOCKS = 8
-
-
-def chunk_elements(device: torch.device | str) -> int:
-    """Vote elements per block on ``device``: :data:`CHUNK_ELEMENTS` on a CPU, :data:`ACCELERATOR_CHUNK_ELEMENTS`
-    elsewhere (a GPU)."""
-    return CHUNK_ELEMENTS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
-
-
-def parent_chunks(parents: int, per_parent: int, device: torch.device | str) -> list[slice]:
-    """Consecutive ranges of ``parents`` (G) whose votes hold about :func:`chunk_elements` elements."""
-    step = max(1, chunk_elements(device) // per_parent)
-    return [slice(g, min(parents, g + step)) for g in range(0, parents, step)]
 
 
 def position_chunks(b: int, p: int, per_position: int, device: torch.device | str) -> list[tuple[slice, slice]]:
@@ -89,15 +78,18 @@ def vote_tokens(U: torch.Tensor, plain: int, scaled: int) -> list[torch.Tensor]:
     return [U.new_zeros(()).expand(U.shape[0], U.shape[1 + i % 2]) for i in range(2 * (plain + scaled))]
 
 
-def centred_votes(ctx, U: torch.Tensor, c0: torch.Tensor, plain: int, scaled: int, *saved: torch.Tensor):
+def centred_votes(
+    ctx, U: torch.Tensor, c0: torch.Tensor, plain: int, scaled: int, kernels: EagerKernels, *saved: torch.Tensor
+):
     """The outputs of :class:`ParentVotes` (and :class:`FactorVotes`) from U (..., T_out, K, T_in, D) and its centres
     c0 (..., T_out, 1, 1, D): U as (G, N, D), c0 as (G, D), and the tokens of the uses; U (and ``saved``) kept for the
-    backward pass."""
+    backward pass, whose vote gradient ``kernels`` forms."""
     d = U.shape[-1]
     U = U.view(-1, U.shape[-3] * U.shape[-2], d)  # (G, N, D)
     c0 = c0.view(-1, d)
     ctx.save_for_backward(U, *saved)
     ctx.plain = plain
+    ctx.kernels = kernels
     ctx.mark_non_differentiable(U, c0)
     return (U, c0, *vote_tokens(U, plain, scaled))
 
@@ -105,26 +97,17 @@ def centred_votes(ctx, U: torch.Tensor, c0: torch.Tensor, plain: int, scaled: in
 def vote_gradient_blocks(ctx, token_grads, ranges: list[slice], t_out: int):
     """The blocks of dL/dU from the uses' token gradients (:class:`ParentVotes`): for each range of (image,
     position) pairs in ``ranges`` (flat, in the parents' order) yields dU (positions * T_out, N, D) in the parents'
-    layout, formed one block at a time; nothing if no use has a gradient."""
+    layout, formed one block at a time by ``ctx.kernels``; nothing if no use has a gradient."""
     (U,) = ctx.saved_tensors[:1]
     pairs = list(zip(token_grads[::2], token_grads[1::2]))
     plain = [pair for pair in pairs[: ctx.plain] if pair[0] is not None]
     scaled = [pair for pair in pairs[ctx.plain :] if pair[0] is not None]
     if not plain and not scaled:
         return
-
-    def product(pairs, rows):  # sum over the uses of left x right for the parents rows, (g, N, D)
-        left = torch.stack([left[rows] for left, _ in pairs], dim=1)  # (g, uses, N)
-        right = torch.stack([right[rows] for _, right in pairs], dim=1)  # (g, uses, D)
-        return torch.bmm(left.transpose(1, 2), right)
-
     for positions in ranges:
         rows = slice(positions.start * t_out, positions.stop * t_out)
-        dU = product(plain, rows) if plain else None
-        if scaled:
-            factor = product(scaled, rows)
-            dU = factor.mul_(U[rows]) if dU is None else dU.addcmul_(U[rows], factor)
-        yield dU
+        block = [[(left[rows], right[rows]) for left, right in uses] for uses in (plain, scaled)]
+        yield ctx.kernels.vote_gradient(U[rows], *block)
 
 
 class ParentVotes(torch.autograd.Function):
@@ -139,7 +122,15 @@ class ParentVotes(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, V: torch.Tensor, plain: int, scaled: int, dtype: torch.dtype, centre: bool = True):  # type: ignore[override]
+    def forward(
+        ctx,
+        V: torch.Tensor,
+        plain: int,
+        scaled: int,
+        dtype: torch.dtype,
+        centre: bool = True,
+        kernels: EagerKernels = EAGER,
+    ):  # type: ignore[override]
         b, p, k, t_in, t_out, d = V.shape
         ctx.set_materialize_grads(False)  # U and c0 get no gradient: never allocate zeros for them
         V_par = V.permute(0, 1, 4, 2, 3, 5)  # (B, P, T_out, K, T_in, D), a view
@@ -154,7 +145,7 @@ class ParentVotes(torch.autograd.Function):
                 U[images, ps].copy_(block)  # lays out
         ctx.layout = torch.empty_like(V, device="meta")  # V's shape, strides and dtype, without keeping V alive
         ctx.device = V.device
-        return centred_votes(ctx, U, c0, plain, scaled)
+        return centred_votes(ctx, U, c0, plain, scaled, kernels)
 
     @staticmethod
     @first_order_only
@@ -170,24 +161,24 @@ class ParentVotes(torch.autograd.Function):
                 dV = torch.empty_strided(layout.shape, layout.stride(), dtype=layout.dtype, device=dU.device)
             n_images, n_positions = images.stop - images.start, ps.stop - ps.start
             dV.permute(0, 1, 4, 2, 3, 5)[images, ps].copy_(dU.view(n_images, n_positions, t_out, k, t_in, d))
-        return dV, None, None, None, None
+        return dV, None, None, None, None, None
 
 
 class VoteSum(torch.autograd.Function):
     """Weighted sum of each parent's votes ``S[g] = sum_n w[g, n] U[g, n]``: (G, N) -> (G, D); one plain token pair."""
 
     @staticmethod
-    def forward(ctx, U: torch.Tensor, token_n: torch.Tensor, token_d: torch.Tensor, w: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, U, token_n, token_d, w, kernels: EagerKernels = EAGER):  # type: ignore[override]
         ctx.save_for_backward(U, w)
-        return torch.bmm(w.unsqueeze(1), U).squeeze(1)  # (G, 1, N) @ (G, N, D) -> (G, D)
+        ctx.kernels = kernels
+        return kernels.vote_sum(U, w)
 
     @staticmethod
     @first_order_only
     def backward(ctx, dS):  # type: ignore[override]
         U, w = ctx.saved_tensors
-        # (G, 1, D) @ (G, D, N): reads U faster than (G, N, D) @ (G, D, 1)
-        dw = torch.bmm(dS.unsqueeze(1), U.transpose(1, 2)).squeeze(1) if ctx.needs_input_grad[3] else None
-        return None, w, dS, dw  # dL/dU = w x dS
+        dw = ctx.kernels.vote_dot(U, dS) if ctx.needs_input_grad[3] else None
+        return None, w, dS, dw, None  # dL/dU = w x dS
 
 
 class VoteDot(torch.autograd.Function):
@@ -195,16 +186,17 @@ class VoteDot(torch.autograd.Function):
     one plain token pair (``dL/dU = dA x x``)."""
 
     @staticmethod
-    def forward(ctx, U: torch.Tensor, token_n: torch.Tensor, token_d: torch.Tensor, x: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, U, token_n, token_d, x, kernels: EagerKernels = EAGER):  # type: ignore[override]
         ctx.save_for_backward(U, x)
-        return torch.bmm(x.unsqueeze(1), U.transpose(1, 2)).squeeze(1)  # (G, 1, D) @ (G, D, N) -> (G, N)
+        ctx.kernels = kernels
+        return kernels.vote_dot(U, x)
 
     @staticmethod
     @first_order_only
     def backward(ctx, dA):  # type: ignore[override]
         U, x = ctx.saved_tensors
-        dx = torch.bmm(dA.unsqueeze(1), U).squeeze(1) if ctx.needs_input_grad[3] else None  # (G, 1, N) @ (G, N, D)
-        return None, dA, x, dx
+        dx = ctx.kernels.vote_sum(U, dA) if ctx.needs_input_grad[3] else None
+        return None, dA, x, dx, None
 
 
 class FactorVotes(torch.autograd.Function):
@@ -214,7 +206,17 @@ class FactorVotes(torch.autograd.Function):
     and turns it into the gradients of the pose, weight and offset at once."""
 
     @staticmethod
-    def forward(ctx, pose, weight, offset, plain: int, scaled: int, dtype: torch.dtype, centre: bool = True):  # type: ignore[override]
+    def forward(
+        ctx,
+        pose,
+        weight,
+        offset,
+        plain: int,
+        scaled: int,
+        dtype: torch.dtype,
+        centre: bool = True,
+        kernels: EagerKernels = EAGER,
+    ):  # type: ignore[override]
         b, p, k, t_in, c = pose.shape  # pose (B, P, K, T_in, C), weight (K, T_in, T_out, C, D), offset (K, D)
         t_out, d = weight.shape[2], weight.shape[4]
         ctx.set_materialize_grads(False)
@@ -238,7 +240,7 @@ class FactorVotes(torch.autograd.Function):
             else:
                 U[ps].copy_(block)
         ctx.has_offset = offset is not None
-        return centred_votes(ctx, U, c0, plain, scaled, pose, weight)
+        return centred_votes(ctx, U, c0, plain, scaled, kernels, pose, weight)
 
     @staticmethod
     @first_order_only
@@ -272,9 +274,9 @@ class FactorVotes(torch.autograd.Function):
                 pose_t = flat[ps].permute(1, 2, 3, 0).reshape(k * t_in, c, n)  # (K * T_in, C, n)
                 d_weight.baddbmm_(pose_t, d_votes)
         if not computed:  # no use of U has a gradient
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         if d_pose is not None:
             d_pose = d_pose.view_as(pose)
         if d_weight is not None:
             d_weight = d_weight.view(k, t_in, c, t_out, d).permute(0, 1, 3, 2, 4).to(weight.dtype)
-        return d_pose, d_weight, d_offset, None, None, None, None
+        return d_pose, d_weight, d_offset, None, None, None, None, None

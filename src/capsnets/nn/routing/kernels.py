@@ -1,0 +1,277 @@
+"""The vote-sized kernels of the fused routings: ``eager`` (batched products, in cache-sized blocks) or ``compiled``.
+
+Every pass of a fused routing over the votes U (G, N, D) is one of a few contractions with small per-parent operands
+(:mod:`~capsnets.nn.routing.vote_passes`, :mod:`~capsnets.nn.routing.em_fused`). In eager PyTorch each is a batched
+product (``(G, 1, D) @ (G, D, N)`` and the like) and, where a square ``(U - c)^2`` is involved, an elementwise pass
+that forms it block by block: on a CPU these products run at ~10-40 GFLOP/s on their tiny inner dimensions, several
+times slower than one read of U (measured: the E-step's contraction 13 ms against 2.5 ms for a sum over the same
+21M-element float32 U, 2 threads). ``compiled`` writes each contraction as the plain formula and lets torch.compile
+(Inductor: C++ loops on a CPU, Triton on a GPU) fuse it into one loop that reads U once and forms nothing
+vote-sized: 4.7 ms for that contraction, and the vote gradient of the backward pass in 10.5 instead of 26 ms. A
+whole training step (``scripts/bench.py --compare model.routing.kernels=eager``, same run): em_caps_small 1.30x
+(float32) / 1.23x (bf16 autocast), em_caps 1.34x / 1.45x, at batch 32 on smallNORB shapes.
+
+The kernels are compiled with the parents' dimension (G) dynamic and N, D static (one compiled loop per layer
+shape, whatever the batch or block), on first use in a process (seconds; Inductor caches them on disk). A
+routing chooses with its ``kernels`` setting (:func:`vote_kernels`): ``auto`` compiles on a CPU or a CUDA GPU
+(elsewhere it runs ``eager``) and, where compiling fails (no C++ compiler, no Triton), runs eager after one warning;
+``compiled`` makes such a failure an error; ``eager`` never compiles. A kernel that has reached torch's limit of recompilations in a
+process (``torch._dynamo.config.recompile_limit`` shapes and dtypes) runs eager for further shapes. Both give the same
+values within rounding (tests/nn/test_kernels.py: float64 to 1e-12; float32 as exact as eager).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+KernelMode = Literal["auto", "eager", "compiled"]
+KERNEL_MODES = ("auto", "eager", "compiled")
+# what ``auto`` chooses in this process, where set: ``eager`` or ``compiled`` (the test suite runs eager by default,
+# so that hundreds of differently shaped tiny layers do not each compile; tests/nn/test_kernels.py compiles)
+AUTO_ENV = "CAPSNETS_ROUTING_KERNELS"
+
+# vote-sized work on a CPU runs in blocks of about this many elements (8 MB in float32), so that what a block
+# forms (Q, a vote gradient) is read back from cache, and no vote-sized temporary is ever allocated
+CHUNK_ELEMENTS = 1 << 21
+# ... and on an accelerator in blocks of about this many (512 MB in float32): there a block costs a few kernel
+# launches and their Python, not cache misses, and CPU-sized blocks would cut em_caps' ConvCaps1 at batch 64 (340M
+# vote elements) into 163 blocks, each pass over the votes ~500 launches; these blocks make it 3
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 27
+
+
+def chunk_elements(device: torch.device | str) -> int:
+    """Vote elements per block on ``device``: :data:`CHUNK_ELEMENTS` on a CPU, :data:`ACCELERATOR_CHUNK_ELEMENTS`
+    elsewhere (a GPU)."""
+    return CHUNK_ELEMENTS if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+
+
+def parent_chunks(parents: int, per_parent: int, device: torch.device | str) -> list[slice]:
+    """Consecutive ranges of ``parents`` (G) whose votes hold about :func:`chunk_elements` elements."""
+    step = max(1, chunk_elements(device) // per_parent)
+    return [slice(g, min(parents, g + step)) for g in range(0, parents, step)]
+
+
+def squares(U: torch.Tensor, c: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``Q = (U - c)^2`` for the parents ``rows``: (g, N, D), formed block by block, never for all parents."""
+    return (U[rows] - c[rows, None]).square_()
+
+
+class EagerKernels:
+    """The contractions as batched products over the parents, in the form that reads U fastest on a CPU
+    (``(G, 1, N) @ (G, N, D)`` and ``(G, 1, D) @ (G, D, N)``: 3-5x faster than the transposed forms einsum's
+    backward picks), squares formed one cache-sized block at a time."""
+
+    name = "eager"
+
+    def vote_sum(self, U: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``sum_n w[g, n] U[g, n]``: (G, N) -> (G, D)."""
+        return torch.bmm(w.unsqueeze(1), U).squeeze(1)
+
+    def vote_dot(self, U: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``sum_h U[g, n, h] x[g, h]``: (G, D) -> (G, N)."""
+        return torch.bmm(x.unsqueeze(1), U.transpose(1, 2)).squeeze(1)
+
+    def square_sum(self, U: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``sum_n w[g, n] (U[g, n] - c[g])^2``: (G, N) -> (G, D)."""
+        S = U.new_empty(U.shape[0], 1, U.shape[2])
+        for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):
+            torch.bmm(w[rows, None], squares(U, c, rows), out=S[rows])  # (g, 1, N) @ (g, N, D)
+        return S.squeeze(1)
+
+    def square_dot(self, U: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``sum_h (U[g, n, h] - c[g, h])^2 x[g, h]``: (G, D) -> (G, N)."""
+        out = U.new_empty(U.shape[0], 1, U.shape[1])
+        for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):  # (g, 1, D) @ (g, D, N)
+            torch.bmm(x[rows, None], squares(U, c, rows).transpose(1, 2), out=out[rows])
+        return out.squeeze(1)
+
+    def pose_sum(self, U: torch.Tensor, c: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+        """``sum_h U[g, n, h] f1[g, h] + (U[g, n, h] - c[g, h])^2 f2[g, h]``: (G, D) x 2 -> (G, N)."""
+        q = U.new_empty(U.shape[0], 1, U.shape[1])
+        for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):
+            torch.bmm(f1[rows, None], U[rows].transpose(1, 2), out=q[rows])
+            q[rows].baddbmm_(f2[rows, None], squares(U, c, rows).transpose(1, 2))
+        return q.squeeze(1)
+
+    def pose_sum_grads(self, U: torch.Tensor, c: torch.Tensor, dq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sum_n dq[g, n] U[g, n]`` and ``sum_n dq[g, n] (U[g, n] - c[g])^2``: (G, N) -> (G, D) x 2."""
+        d1 = U.new_empty(U.shape[0], 1, U.shape[2])
+        d2 = U.new_empty(U.shape[0], 1, U.shape[2])
+        for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):
+            torch.bmm(dq[rows, None], U[rows], out=d1[rows])  # (g, 1, N) @ (g, N, D)
+            torch.bmm(dq[rows, None], squares(U, c, rows), out=d2[rows])
+        return d1.squeeze(1), d2.squeeze(1)
+
+    def vote_gradient(
+        self,
+        U: torch.Tensor,
+        plain: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        scaled: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """One block of dL/dU, ``sum_plain left x right + U * sum_scaled left x right`` (g, N, D), from the uses'
+        factors (left (g, N), right (g, D)); at least one use."""
+
+        def product(pairs):  # sum over the uses of left x right, (g, N, D)
+            left = torch.stack([left for left, _ in pairs], dim=1)  # (g, uses, N)
+            right = torch.stack([right for _, right in pairs], dim=1)  # (g, uses, D)
+            return torch.bmm(left.transpose(1, 2), right)
+
+        dU = product(plain) if plain else None
+        if scaled:
+            factor = product(scaled)
+            dU = factor.mul_(U) if dU is None else dU.addcmul_(U, factor)
+        return dU
+
+
+# the contractions as plain formulas, for torch.compile to fuse (and for an enclosing torch.compile to trace)
+def _vote_sum(U, w):
+    return (w[:, :, None] * U).sum(1)
+
+
+def _vote_dot(U, x):
+    return (U * x[:, None, :]).sum(2)
+
+
+def _square_sum(U, c, w):
+    return (w[:, :, None] * (U - c[:, None, :]).square()).sum(1)
+
+
+def _square_dot(U, c, x):
+    return ((U - c[:, None, :]).square() * x[:, None, :]).sum(2)
+
+
+def _pose_sum(U, c, f1, f2):
+    return (U * f1[:, None, :] + (U - c[:, None, :]).square() * f2[:, None, :]).sum(2)
+
+
+def _pose_sum_grads(U, c, dq):
+    return (dq[:, :, None] * U).sum(1), (dq[:, :, None] * (U - c[:, None, :]).square()).sum(1)
+
+
+def _vote_gradient(U, plain, scaled):
+    dU = None
+    for left, right in plain:
+        term = left[:, :, None] * right[:, None, :]
+        dU = term if dU is None else dU + term
+    if scaled:
+        factor = None
+        for left, right in scaled:
+            term = left[:, :, None] * right[:, None, :]
+            factor = term if factor is None else factor + term
+        dU = U * factor if dU is None else dU + U * factor
+    return dU
+
+
+class CompiledKernels(EagerKernels):
+    """The same contractions as :class:`EagerKernels`, each compiled by torch.compile into one fused loop (module
+    docstring). ``auto``: a failure to compile (no C++ compiler, no Triton) warns once and runs eager from then on."""
+
+    name = "compiled"
+
+    def __init__(self, *, strict: bool) -> None:
+        self.strict = strict
+        self._compiled: dict[str, Callable] = {}
+
+    def _run(self, name: str, formula: Callable, args: tuple) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if torch.compiler.is_compiling():  # inside an enclosing torch.compile: let it trace the formula
+            return formula(*args)
+        if _FAILED:
+            return getattr(EagerKernels, name)(self, *args)
+        fn = self._compiled.get(name)
+        if fn is None:
+            fn = self._compiled[name] = torch.compile(formula, fullgraph=True)
+        for x in _tensors(args):  # the parents (G) vary with the batch and the block; N and D are the layer's
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        try:
+            with torch.no_grad():  # never differentiated here (the routings' autograd Functions give the gradients)
+                return fn(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # this kernel has been compiled for torch's limit of shapes and dtypes in this process (many differently
+            # shaped layers, e.g. a test suite): this call runs the eager kernel, the compiled ones stay in use
+            return getattr(EagerKernels, name)(self, *args)
+        except Exception as error:  # noqa: BLE001 - a failure to compile falls back (auto) or names the fix
+            if not _compile_failure(error):
+                raise
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            message = (
+                f"routing kernels: torch.compile failed on {args[0].device.type} ({type(error).__name__}: "
+                f"{first_line}). Install a C++ compiler (CPU: g++ or clang++; CUDA: the triton package), or set "
+                "model.routing.kernels=eager"
+            )
+            if self.strict:
+                raise RuntimeError(message) from error
+            warnings.warn(message + "; running the eager kernels", RuntimeWarning, stacklevel=3)
+            _FAILED.append(message)
+            return getattr(EagerKernels, name)(self, *args)
+
+    def vote_sum(self, U, w):
+        return self._run("vote_sum", _vote_sum, (U, w))
+
+    def vote_dot(self, U, x):
+        return self._run("vote_dot", _vote_dot, (U, x))
+
+    def square_sum(self, U, c, w):
+        return self._run("square_sum", _square_sum, (U, c, w))
+
+    def square_dot(self, U, c, x):
+        return self._run("square_dot", _square_dot, (U, c, x))
+
+    def pose_sum(self, U, c, f1, f2):
+        return self._run("pose_sum", _pose_sum, (U, c, f1, f2))
+
+    def pose_sum_grads(self, U, c, dq):
+        return self._run("pose_sum_grads", _pose_sum_grads, (U, c, dq))
+
+    def vote_gradient(self, U, plain, scaled):
+        return self._run("vote_gradient", _vote_gradient, (U, [tuple(p) for p in plain], [tuple(p) for p in scaled]))
+
+
+_FAILED: list[str] = []  # the message of a failed compile under ``auto``: eager from then on in this process
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    out = []
+    for x in args:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            out.extend(_tensors(x))
+    return out
+
+
+def _compile_failure(error: Exception) -> bool:
+    """Whether ``error`` comes from torch.compile's machinery (a missing compiler, a backend failure) rather than
+    from the computation itself (e.g. out of memory), which eager would raise too."""
+    module = type(error).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor", "torch.compiler", "triton")) or isinstance(
+        error, (OSError, ImportError)
+    )
+
+
+EAGER = EagerKernels()
+_COMPILED = {True: CompiledKernels(strict=True), False: CompiledKernels(strict=False)}
+
+
+def can_compile(device: torch.device | str) -> bool:
+    """Whether ``auto`` compiles on ``device``: a CPU or a CUDA GPU (others, e.g. MPS, run eager)."""
+    return torch.device(device).type in ("cpu", "cuda")
+
+
+def vote_kernels(mode: KernelMode, device: torch.device | str) -> EagerKernels:
+    """The kernels a routing's ``kernels`` setting selects on ``device`` (module docstring); ``auto`` follows
+    :data:`AUTO_ENV` where it is set."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"routing kernels: {mode!r} is not one of {', '.join(KERNEL_MODES)}")
+    if mode == "auto":
+        chosen = os.environ.get(AUTO_ENV, "")
+        if chosen not in ("", "eager", "compiled"):
+            raise ValueError(f"{AUTO_ENV}={chosen}: set it to eager or compiled, or unset it")
+        if chosen == "eager" or (not chosen and not can_compile(device)):
+            return EAGER
+        return _COMPILED[False]
+    return EAGER if mode == "eager" else _COMPILED[True]

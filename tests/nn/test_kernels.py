@@ -1,0 +1,262 @@
+"""The fused routings' vote-sized kernels (capsnets/nn/routing/kernels.py): compiled equals eager, kernel by kernel
+and through the whole EM routing, in values and gradients; how ``kernels`` is chosen; what happens when compiling
+fails."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsnets.nets import EMCapsNet
+from capsnets.nn.conv_caps import conv_child_index
+from capsnets.nn.routing import ChildLayout, VoteFactors, build_routing, kernels
+from capsnets.nn.routing.em_fused import fused_em_routing
+from capsnets.nn.routing.kernels import AUTO_ENV, EAGER, CompiledKernels, vote_kernels
+
+COMPILED = vote_kernels("compiled", "cpu")
+
+
+def kernel_cases(g: int, n: int, d: int, dtype: torch.dtype, seed: int = 0) -> dict[str, tuple]:
+    """Every kernel's inputs: votes U (G, N, D) far from the origin, centres c near them, per-parent operands."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (shift + scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+    U, c = rand(g, n, d, scale=2.0, shift=3.0), rand(g, d, scale=2.0, shift=3.0)
+    pairs = lambda uses: [(rand(g, n), rand(g, d)) for _ in range(uses)]  # noqa: E731
+    return {
+        "vote_sum": (U, rand(g, n)),
+        "vote_dot": (U, rand(g, d)),
+        "square_sum": (U, c, rand(g, n)),
+        "square_dot": (U, c, rand(g, d)),
+        "pose_sum": (U, c, rand(g, d), rand(g, d)),
+        "pose_sum_grads": (U, c, rand(g, n)),
+        "vote_gradient": (U, pairs(3), pairs(2)),
+        "vote_gradient_plain": (U, pairs(2), []),
+        "vote_gradient_scaled": (U, [], pairs(1)),
+    }
+
+
+def run_kernel(which, name: str, args: tuple):
+    out = getattr(which, name.replace("_plain", "").replace("_scaled", ""))(*args)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def assert_close(got, want, rtol: float) -> None:
+    for x, y in zip(got, want, strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        scale = y.abs().max().clamp_min(1e-30)
+        assert ((x - y).abs().max() / scale).item() < rtol, ((x - y).abs().max() / scale).item()
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(37, 72, 16), (5, 9, 4), (600, 144, 16)])
+def test_each_compiled_kernel_equals_eager(shape, dtype, rtol, monkeypatch):
+    # eager in blocks of 1,000 elements (several parents per block, a partial last block) and in one block
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1000)
+    for name, args in kernel_cases(*shape, dtype).items():
+        got, want = run_kernel(COMPILED, name, args), run_kernel(EAGER, name, args)
+        assert_close(got, want, rtol)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1 << 21)
+        assert_close(got, run_kernel(EAGER, name, args), rtol)
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1000)
+    assert not kernels._FAILED
+
+
+def test_the_kernels_compute_what_they_claim():
+    # the eager kernels against the formulas written out, so that compiled == eager means compiled == the formula
+    cases = kernel_cases(4, 6, 16, torch.float64)
+    U, w = cases["vote_sum"]
+    assert torch.allclose(EAGER.vote_sum(U, w), torch.einsum("gn,gnd->gd", w, U))
+    U, x = cases["vote_dot"]
+    assert torch.allclose(EAGER.vote_dot(U, x), torch.einsum("gnd,gd->gn", U, x))
+    U, c, w = cases["square_sum"]
+    assert torch.allclose(EAGER.square_sum(U, c, w), torch.einsum("gn,gnd->gd", w, (U - c[:, None]) ** 2))
+    U, c, x = cases["square_dot"]
+    assert torch.allclose(EAGER.square_dot(U, c, x), torch.einsum("gnd,gd->gn", (U - c[:, None]) ** 2, x))
+    U, c, f1, f2 = cases["pose_sum"]
+    q = torch.einsum("gnd,gd->gn", U, f1) + torch.einsum("gnd,gd->gn", (U - c[:, None]) ** 2, f2)
+    assert torch.allclose(EAGER.pose_sum(U, c, f1, f2), q)
+    U, c, dq = cases["pose_sum_grads"]
+    d1, d2 = EAGER.pose_sum_grads(U, c, dq)
+    assert torch.allclose(d1, torch.einsum("gn,gnd->gd", dq, U))
+    assert torch.allclose(d2, torch.einsum("gn,gnd->gd", dq, (U - c[:, None]) ** 2))
+    U, plain, scaled = cases["vote_gradient"]
+    outer = lambda pairs: sum(torch.einsum("gn,gd->gnd", left, right) for left, right in pairs)  # noqa: E731
+    assert torch.allclose(EAGER.vote_gradient(U, plain, scaled), outer(plain) + U * outer(scaled))
+
+
+def em_inputs(conv: bool, factors: bool, seed: int = 0) -> tuple[dict, list[torch.Tensor]]:
+    """Float64 routing inputs (a 3x3/1 conv layer on a 5x5 grid, or a fully connected one) and their leaves."""
+    torch.manual_seed(seed)
+    if conv:
+        layout, k, p = ChildLayout(conv_child_index(5, 5, kernel_size=3, stride=1), 25), 9, 9
+    else:
+        layout, k, p = ChildLayout(), 12, 1
+    b, t_in, t_out, d = 2, 3, 4, 16
+    opts = dict(dtype=torch.float64, requires_grad=True)
+    pose = torch.randn(b, p, k, t_in, d, **opts)
+    weight = (0.5 * torch.randn(k, t_in, t_out, d, d, dtype=torch.float64)).requires_grad_(True)
+    offset = torch.randn(k, d, **opts)
+    a_in = torch.rand(b, p, k, t_in, **opts)
+    beta_u, beta_a = torch.randn(t_out, **opts), torch.randn(t_out, **opts)
+    V = VoteFactors(pose, weight, offset)
+    inputs = dict(
+        V=V if factors else V.materialise(),
+        a_in=a_in,
+        beta_u=beta_u,
+        beta_a=beta_a,
+        lambdas=[0.01, 0.02, 0.05],
+        layout=layout,
+        moment_dtype=torch.float64,
+    )
+    return inputs, [pose, weight, offset, a_in, beta_u, beta_a]
+
+
+@pytest.mark.parametrize("normalisation", ["covering", "type"])
+@pytest.mark.parametrize("factors", [True, False], ids=["factors", "votes"])
+@pytest.mark.parametrize("conv", [True, False], ids=["conv", "fc"])
+def test_em_routing_with_compiled_kernels_equals_eager_in_values_and_gradients(conv, factors, normalisation):
+    results = []
+    for mode in ("eager", "compiled"):
+        inputs, leaves = em_inputs(conv, factors)  # the same values, a fresh graph
+        out = fused_em_routing(**inputs, normalisation=normalisation, kernels=mode)
+        loss = sum((torch.cos(3 * x) * (i + 1)).sum() for i, x in enumerate(out))
+        results.append((out, torch.autograd.grad(loss, leaves)))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    for x, y in zip(eager, compiled):
+        assert torch.allclose(x, y, atol=1e-12, rtol=1e-10)
+    for x, y in zip(eager_grads, compiled_grads):
+        assert x.abs().max() > 0 and torch.allclose(x, y, atol=1e-11, rtol=1e-9)
+
+
+def float32_errors(got, ref) -> list[float]:
+    """Largest error of poses (relative to the largest pose), activations and assignments (absolute)."""
+    return [
+        ((got.poses.double() - ref.poses).abs().max() / ref.poses.abs().max()).item(),
+        (got.activations.double() - ref.activations).abs().max().item(),
+        (got.assignments.double() - ref.assignments).abs().max().item(),
+    ]
+
+
+def test_float32_routing_with_compiled_kernels_matches_float64():
+    # the float32 path's exactness (tests/nn/test_em_routing.py) holds with the compiled kernels: votes far from
+    # the origin (1000 + 3 x), re-centred on each M-step's mean; float64 arithmetic on the same float32 inputs is
+    # the reference
+    for seed in range(3):
+        inputs, _ = em_inputs(conv=True, factors=False, seed=seed)
+        inputs["V"] = 1000 + 3 * inputs["V"]
+        single = {key: x.float().detach() if torch.is_tensor(x) else x for key, x in inputs.items()}
+        single["moment_dtype"] = torch.float32
+        ref = fused_em_routing(
+            **{**{k: x.double() if torch.is_tensor(x) else x for k, x in single.items()}, "moment_dtype": torch.float64}
+        )
+        errors = {}
+        for mode in ("eager", "compiled"):
+            errors[mode] = float32_errors(fused_em_routing(**single, kernels=mode), ref)
+        assert max(errors["compiled"]) < 1e-5, errors
+        assert all(c <= 2 * e + 1e-7 for c, e in zip(errors["compiled"], errors["eager"])), errors
+
+
+def test_a_training_step_with_compiled_kernels_equals_eager():
+    # em_caps_small's shapes (three routing layers: two convolutional, one class layer with coordinate addition)
+    grads = []
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        net = EMCapsNet(
+            in_channels=1, image_size=20, num_classes=5, A=8, B=4, C=4, D=4, routing={"name": "em", "kernels": mode}
+        ).double()
+        x = torch.randn(3, 1, 20, 20, dtype=torch.float64)
+        poses, a = net(x)
+        loss = (a * torch.arange(5)).sum() + poses.sin().sum()
+        loss.backward()
+        grads.append([(name, p.grad) for name, p in net.named_parameters()])
+    for (name, g_eager), (_, g_compiled) in zip(*grads):
+        assert g_eager is not None and torch.allclose(g_eager, g_compiled, atol=1e-11, rtol=1e-8), name
+
+
+def test_the_kernels_setting_chooses(monkeypatch):
+    monkeypatch.delenv(AUTO_ENV, raising=False)
+    assert vote_kernels("eager", "cpu") is EAGER
+    assert isinstance(vote_kernels("compiled", "cpu"), CompiledKernels) and vote_kernels("compiled", "cpu").strict
+    auto = vote_kernels("auto", "cpu")
+    assert isinstance(auto, CompiledKernels) and not auto.strict  # a failure to compile warns, runs eager
+    assert vote_kernels("auto", "mps") is EAGER  # no torch.compile backend assumed there
+    monkeypatch.setenv(AUTO_ENV, "eager")
+    assert vote_kernels("auto", "cpu") is EAGER and vote_kernels("compiled", "cpu") is not EAGER
+    monkeypatch.setenv(AUTO_ENV, "fast")
+    with pytest.raises(ValueError, match=f"{AUTO_ENV}=fast: set it to eager or compiled"):
+        vote_kernels("auto", "cpu")
+    with pytest.raises(ValueError, match="'fast' is not one of auto, eager, compiled"):
+        vote_kernels("fast", "cpu")
+    # the setting reaches the routing, and a bad value is refused by name
+    assert build_routing({"name": "em", "kernels": "eager"}, kind="matrix", out_types=4).kernels == "eager"
+    assert build_routing({"name": "em"}, kind="matrix", out_types=4).kernels == "auto"
+    with pytest.raises(Exception, match="kernels"):
+        build_routing({"name": "em", "kernels": "fast"}, kind="matrix", out_types=4)
+
+
+def test_a_kernel_past_the_recompile_limit_runs_eager_without_giving_up_compiling():
+    # torch compiles a function for a limited number of shapes and dtypes per process; past it, the call runs the
+    # eager kernel (same values) and the kernels stay compiled for the shapes they have
+    cases = [
+        kernel_cases(g, n, 16, dtype)["square_sum"] for g, n, dtype in ((9, 7, torch.float64), (4, 3, torch.float32))
+    ]
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: nothing failed
+        fresh = CompiledKernels(strict=True)
+        for args in cases * 2:
+            assert_close((fresh.square_sum(*args),), (EAGER.square_sum(*args),), 1e-5)
+    assert not kernels._FAILED
+
+
+FAILING_COMPILER = textwrap.dedent(
+    """
+    import sys, warnings
+    import torch
+    import torch._inductor.config
+    from capsnets.nn.routing.kernels import EAGER, vote_kernels
+
+    torch._inductor.config.cpp.cxx = ("/nonexistent/c++",)  # no C++ compiler: Inductor cannot build a CPU kernel
+    U, w = torch.randn(6, 5, 16), torch.rand(6, 5)
+    if sys.argv[1] == "compiled":
+        try:
+            vote_kernels("compiled", "cpu").vote_sum(U, w)
+        except RuntimeError as error:
+            print("ERROR", error)
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kernels = vote_kernels("auto", "cpu")
+            got = kernels.vote_sum(U, w)
+            again = kernels.vote_dot(U, w[:, :1].expand(6, 16).contiguous())
+        print("EQUAL", torch.equal(got, EAGER.vote_sum(U, w)), again.shape == (6, 5))
+        print("WARNINGS", len(caught), caught[0].message if caught else "")
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["auto", "compiled"])
+def test_without_a_cpp_compiler_auto_falls_back_to_eager_and_compiled_names_the_fix(mode, tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # nothing compiled before
+    env.pop(AUTO_ENV, None)
+    script = tmp_path / "failing_compiler.py"
+    script.write_text(FAILING_COMPILER)
+    result = subprocess.run(
+        [sys.executable, str(script), mode], env=env, capture_output=True, text=True, timeout=300, cwd=Path.cwd()
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    if mode == "compiled":
+        assert "ERROR routing kernels: torch.compile failed on cpu" in result.stdout
+        assert "set model.routing.kernels=eager" in result.stdout
+    else:
+        assert "EQUAL True True" in result.stdout
+        # one warning naming the fix, not one per kernel
+        assert "WARNINGS 1 routing kernels: torch.compile failed on cpu" in result.stdout, result.stdout
+        assert "running the eager kernels" in result.stdout
