@@ -17,7 +17,8 @@ routing chooses with its ``kernels`` setting (:func:`vote_kernels`): ``auto`` co
 (elsewhere it runs ``eager``) and, where compiling fails (no C++ compiler, no Triton), runs eager after one warning;
 ``compiled`` makes such a failure an error; ``eager`` never compiles. A kernel that has reached torch's limit of
 recompilations in a process (``torch._dynamo.config.recompile_limit`` shapes and dtypes) runs eager for further
-shapes. Both give the same values within rounding (tests/nn/test_kernels.py: float64 to 1e-12; float32 as exact as eager).
+shapes. Both give the same values within rounding (tests/nn/test_kernels.py: float64 to 1e-12; float32 as exact
+as eager).
 """
 
 from __future__ import annotations
