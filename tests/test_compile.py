@@ -101,6 +101,24 @@ def test_compiled_em_caps_small_trains_evaluates_and_records_routing_as_eager():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_a_compiled_model_traces_the_routing_kernels_into_its_one_graph():
+    """model.routing.kernels=compiled: outside torch.compile each kernel runs compiled on its own; inside a compiled
+    model the kernels' formulas are traced into the model's graph (no nested compile, no graph break)."""
+    eager, compiled = twins("model=em_caps_small", "model.routing.kernels=compiled")
+    compile_model(compiled, {"enabled": True, "backend": "aot_eager", "fullgraph": True})
+    x, y = torch.rand(3, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 2])
+    loss_e, scores_e, grads_e = step(eager, x, y)  # compiles each kernel on its own (graphs of their own)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 1
+    torch._dynamo.utils.counters.clear()
+    loss_c, scores_c, grads_c = step(compiled, x, y)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the kernels traced into the model's graph
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scores_c, scores_e, rtol=1e-10, atol=1e-12)
+    assert grads_c.keys() == grads_e.keys() and grads_e
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_random_routing_compiles_around_its_fixed_draw():
     eager, compiled = twins("model=dr_caps", *SMALL_DR_CAPS, "model/routing=random")
     compile_model(compiled, {"enabled": True, "backend": "aot_eager"})
