@@ -216,6 +216,17 @@ def test_a_kernel_past_the_recompile_limit_runs_eager_without_giving_up_compilin
     assert not kernels._FAILED
 
 
+def test_under_a_dispatch_mode_the_kernels_run_eager_and_are_seen_by_it():
+    # torch.compile refuses to run under a TorchDispatchMode (bench.py counts FLOPs with one): eager there
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = kernel_cases(6, 5, 16, torch.float32)["vote_sum"]
+    with FlopCounterMode(display=False) as counter:
+        got = COMPILED.vote_sum(*args)
+    assert torch.equal(got, EAGER.vote_sum(*args)) and counter.get_total_flops() == 2 * 6 * 5 * 16
+    assert not kernels._FAILED
+
+
 FAILING_COMPILER = textwrap.dedent(
     """
     import sys, warnings

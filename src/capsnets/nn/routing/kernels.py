@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 KernelMode = Literal["auto", "eager", "compiled"]
 KERNEL_MODES = ("auto", "eager", "compiled")
@@ -181,7 +182,9 @@ class CompiledKernels(EagerKernels):
     def _run(self, name: str, formula: Callable, args: tuple) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if torch.compiler.is_compiling():  # inside an enclosing torch.compile: let it trace the formula
             return formula(*args)
-        if _FAILED:
+        if _FAILED or is_in_torch_dispatch_mode():
+            # torch.compile refuses to run under a dispatch mode (FlopCounterMode, a debugging mode): eager, whose
+            # operations such a mode also sees (counted FLOPs)
             return getattr(EagerKernels, name)(self, *args)
         fn = self._compiled.get(name)
         if fn is None:
