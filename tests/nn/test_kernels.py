@@ -164,6 +164,24 @@ def test_float32_routing_with_compiled_kernels_matches_float64():
         assert all(c <= 2 * e + 1e-7 for c, e in zip(errors["compiled"], errors["eager"])), errors
 
 
+@pytest.mark.parametrize("factors", [True, False], ids=["factors", "votes"])
+def test_vb_routing_with_compiled_kernels_equals_eager_in_values_and_gradients(factors):
+    # variational Bayes routing runs the same passes over the votes (mean, squared distances, the q(R) update)
+    results = []
+    for mode in ("eager", "compiled"):
+        inputs, leaves = em_inputs(conv=True, factors=factors)
+        routing = build_routing({"name": "vb", "kernels": mode}, kind="matrix", out_types=4).double()
+        assert routing.kernels == mode
+        out = routing(inputs["V"], inputs["a_in"], inputs["layout"])
+        loss = sum((torch.cos(3 * x) * (i + 1)).sum() for i, x in enumerate(out))
+        results.append((out, torch.autograd.grad(loss, leaves[:4])))  # pose, weight, offset, a_in
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    for x, y in zip(eager, compiled):
+        assert torch.allclose(x, y, atol=1e-12, rtol=1e-10)
+    for x, y in zip(eager_grads, compiled_grads):
+        assert x.abs().max() > 0 and torch.allclose(x, y, atol=1e-11, rtol=1e-9)
+
+
 def test_a_training_step_with_compiled_kernels_equals_eager():
     # em_caps_small's shapes (three routing layers: two convolutional, one class layer with coordinate addition)
     grads = []

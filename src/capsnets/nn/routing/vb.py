@@ -58,6 +58,7 @@ from torch import nn
 
 from capsnets.errors import ConfigError
 from capsnets.nn.routing.base import Routing, RoutingResult, RoutingTrace, Votes, register_routing, routing_key
+from capsnets.nn.routing.kernels import KernelMode
 from capsnets.nn.routing.layout import ChildLayout, Normalisation
 from capsnets.schema import BoundedFloat, Fraction, PositiveFloat, PositiveInt, checked
 
@@ -160,6 +161,8 @@ class VBRouting(Routing):
             first layer) against how fast their mean moves while training, and an average over the last ~10 batches
             (0.1) lags by many batch standard deviations, so evaluation saturates every activation (synthetic shapes,
             64 steps: 20% test accuracy in evaluation, 100% with the batch's own statistics; 0.5: 97%, 1.0: 99%).
+        kernels: how ``impl: fused`` runs its passes over the votes, as EM routing's setting
+            (:mod:`~capsnets.nn.routing.kernels`: ``auto``, ``compiled``, ``eager``); ``impl: reference`` has none.
     """
 
     @checked(routing_key)
@@ -180,9 +183,11 @@ class VBRouting(Routing):
         transform_init: Literal["xavier", "layer"] = "xavier",
         bn_momentum: Fraction = 0.5,
         eps: PositiveFloat = 1e-8,
+        kernels: KernelMode = "auto",
         **base: Any,
     ) -> None:
         super().__init__(iterations=iterations, **base)
+        self.kernels = kernels
         self.alpha0, self.kappa0, self.psi0, self.m0 = float(alpha0), float(kappa0), float(psi0), float(m0)
         self.nu0 = nu0  # None: D + 1, fixed once the pose size is seen
         if nu0 is not None:

@@ -33,6 +33,7 @@ from capsnets.nn.routing.base import RoutingTrace, VoteFactors, Votes, register_
 from capsnets.nn.routing.em_fused import STATS, PoseSum, spread_about
 from capsnets.nn.routing.layout import ChildLayout
 from capsnets.nn.routing.vb import VBRouting, expected_logs, vb_activation_logits
+from capsnets.nn.routing.kernels import KernelMode, vote_kernels
 from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum
 
 
@@ -48,10 +49,12 @@ def fused_vb_iterations(
     beta_u: torch.Tensor,
     beta_a: torch.Tensor,
     trace: RoutingTrace | None = None,
+    kernels: KernelMode = "eager",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``iterations`` updates of q(pi, mu, Lambda), with an update of q(R) between each two (module docstring).
 
-    V (B, P, K, T_in, T_out, D) in any strides, or its :class:`~capsnets.nn.routing.VoteFactors`; a_in (B, P, K, T_in).
+    V (B, P, K, T_in, T_out, D) in any strides, or its :class:`~capsnets.nn.routing.VoteFactors`; a_in (B, P, K, T_in);
+    ``kernels`` how the passes over the votes run (:func:`~capsnets.nn.routing.kernels.vote_kernels`).
     Returns the posterior means m (B, P, T_out, D), the activation logits before the batch norm (B, P, T_out) and the
     last assignments R (B, P, K, T_in, T_out), all in float64 (:data:`~capsnets.nn.routing.em_fused.STATS`).
     """
@@ -61,7 +64,8 @@ def fused_vb_iterations(
     dtype = V.dtype  # the vote-sized tensors'
     # token pairs as the fused EM routing's: per update of q(pi, mu, Lambda) a plain pair for the mean, a plain and a
     # scaled one for the squared distances; per update of q(R) a plain and a scaled one
-    uses = (3 * iterations - 1, 2 * iterations - 1, dtype)
+    kernels = vote_kernels(kernels, a_in.device)  # how the passes over the votes run
+    uses = (3 * iterations - 1, 2 * iterations - 1, dtype, True, kernels)
     if isinstance(V, VoteFactors):
         U, c0, *tokens = FactorVotes.apply(V.pose, V.weight, V.offset, *uses)
     else:
@@ -80,10 +84,10 @@ def fused_vb_iterations(
         R_j = Ra.sum(dim=(3, 4))  # (B, P, T_out)
         w = (Ra / (R_j[..., None, None] + eps)).reshape(g, k * t_in).to(dtype)  # (G, N)
         mass = (R_j / (R_j + eps))[..., None]  # sum_i w_i: 1, or 0 for a parent without data, (B, P, T_out, 1)
-        E_U = VoteSum.apply(U, *m_tokens[0:2], w).to(STATS).view(b, p, t_out, d)
+        E_U = VoteSum.apply(U, *m_tokens[0:2], w, kernels).to(STATS).view(b, p, t_out, d)
         mu_bar = mass * c0 + E_U  # sum_i R_ij V_ij / (R_j + eps), (B, P, T_out, D)
         # S_j = sum_i R_ij (V_ij - mu_bar_j)^2 = (R_j + eps) sum_i w_i (V_ij - mu_bar_j)^2: EM's second pass
-        spread, _, _ = spread_about(mu_bar, U, c0, E_U, mass, m_tokens[2:6], w)
+        spread, _, _ = spread_about(mu_bar, U, c0, E_U, mass, m_tokens[2:6], w, kernels)
         S = (R_j[..., None] + eps) * spread
         alpha, kappa, nu = alpha0 + R_j, kappa0 + R_j, nu0 + R_j  # (B, P, T_out)
         m = (R_j[..., None] * mu_bar + kappa0 * m0) / kappa[..., None]  # (B, P, T_out, D)
@@ -102,7 +106,7 @@ def fused_vb_iterations(
         c_ms = c_m.to(STATS).view(b, p, t_out, d)
         delta_m = m - c0 - c_ms  # m's gradient
         f1, f2 = (-2.0 * delta_m * psi).view(g, d), psi.view(g, d)
-        quad_u = PoseSum.apply(U, c_m, *e_tokens, f1.to(dtype), f2.to(dtype)).view(b, p, t_out, k, t_in)
+        quad_u = PoseSum.apply(U, c_m, *e_tokens, f1.to(dtype), f2.to(dtype), kernels).view(b, p, t_out, k, t_in)
         per_parent = ((2 * c_ms + delta_m) * delta_m * psi).sum(dim=-1)  # (B, P, T_out)
         e_ln_pi, e_ln_lambda = expected_logs(q)  # (B, P, T_out)
         # ln rho = E[ln pi] + E[ln |Lambda|] / 2 - D/2 ln 2 pi - (D / kappa + nu (quad_u + per_parent)) / 2
@@ -135,5 +139,6 @@ class FusedVBRouting(VBRouting):
             beta_u=self.beta_u,
             beta_a=self.beta_a,
             trace=trace,
+            kernels=self.kernels,
         )
         return tuple(x.to(V.dtype) for x in out)
