@@ -31,9 +31,9 @@ import torch
 
 from capsnets.nn.routing.base import RoutingTrace, VoteFactors, Votes, register_routing
 from capsnets.nn.routing.em_fused import STATS, PoseSum, spread_about
+from capsnets.nn.routing.kernels import KernelMode, vote_kernels
 from capsnets.nn.routing.layout import ChildLayout
 from capsnets.nn.routing.vb import VBRouting, expected_logs, vb_activation_logits
-from capsnets.nn.routing.kernels import KernelMode, vote_kernels
 from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum
 
 
