@@ -164,3 +164,39 @@ def test_train_py_compiles_with_inductor_and_eval_py_reads_its_checkpoint(cli, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     match = re.search(r"test/acc: ([0-9.]+)", proc.stdout)
     assert match and float(match.group(1)) == pytest.approx(last_metric(tmp_path / "run", "test/acc"), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_train_py_with_compiled_routing_kernels_and_eval_py_with_eager_ones_agree(cli, tmp_path):
+    """The default ``model.routing.kernels=auto`` as a user runs it (the suite's CAPSNETS_ROUTING_KERNELS unset):
+    em_caps_small trains with compiled kernels, and eval.py with eager ones reproduces its test accuracy and loss."""
+    assert cpp_compiler() is not None, "inductor needs a C++ compiler on a CPU: make install adds g++ (as root)"
+    tiny_em = ["model=em_caps_small", "model.net.A=8", "model.net.B=4", "model.net.C=4", "model.net.D=4"]
+    overrides = [
+        *tiny_em,
+        "data=synthetic",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "data.num_train=128",
+        "data.num_val=64",
+        "data.num_test=64",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = cli("train.py", *overrides, env={"CAPSNETS_ROUTING_KERNELS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.compile failed" not in proc.stdout + proc.stderr
+    best = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+    # eval.py rebuilds the model from the checkpoint (kernels=auto), here told to run auto as eager
+    proc = cli(
+        "eval.py",
+        f"ckpt_path={best}",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        env={"CAPSNETS_ROUTING_KERNELS": "eager"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("test/acc", "test/loss"):
+        match = re.search(rf"{name}: ([0-9.]+)", proc.stdout)
+        # eval.py prints 4 decimals; one of the 64 test images is 0.0156 of accuracy
+        assert match and float(match.group(1)) == pytest.approx(last_metric(tmp_path / "run", name), abs=1e-4), name
