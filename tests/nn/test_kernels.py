@@ -2,6 +2,7 @@
 and through the whole EM routing, in values and gradients; how ``kernels`` is chosen; what happens when compiling
 fails."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -40,11 +41,13 @@ def kernel_cases(g: int, n: int, d: int, dtype: torch.dtype, seed: int = 0) -> d
         "vote_gradient": (U, pairs(3), pairs(2)),
         "vote_gradient_plain": (U, pairs(2), []),
         "vote_gradient_scaled": (U, [], pairs(1)),
+        # laid out for FactorVotes' products over the (K, T_in) slots: N = K * T_in, G = positions * T_out
+        **({"vote_gradient_slots": (U, pairs(2), pairs(1), (n // 4, 4, g // 4))} if n % 4 == 0 and g % 4 == 0 else {}),
     }
 
 
 def run_kernel(which, name: str, args: tuple):
-    out = getattr(which, name.replace("_plain", "").replace("_scaled", ""))(*args)
+    out = getattr(which, name.replace("_plain", "").replace("_scaled", "").replace("_slots", ""))(*args)
     return out if isinstance(out, tuple) else (out,)
 
 
@@ -56,7 +59,7 @@ def assert_close(got, want, rtol: float) -> None:
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("shape", [(37, 72, 16), (5, 9, 4), (600, 144, 16)])
+@pytest.mark.parametrize("shape", [(37, 72, 16), (5, 9, 4), (600, 144, 16), (24, 8, 16)])
 def test_each_compiled_kernel_equals_eager(shape, dtype, rtol, monkeypatch):
     # eager in blocks of 1,000 elements (several parents per block, a partial last block) and in one block
     monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1000)
@@ -90,6 +93,12 @@ def test_the_kernels_compute_what_they_claim():
     U, plain, scaled = cases["vote_gradient"]
     outer = lambda pairs: sum(torch.einsum("gn,gd->gnd", left, right) for left, right in pairs)  # noqa: E731
     assert torch.allclose(EAGER.vote_gradient(U, plain, scaled), outer(plain) + U * outer(scaled))
+    # by the (K, T_in) = (3, 2) slots of T_out = 2 parents at n = 2 positions: dU[(p, j), (k, i), d] at [(k, i), p, (j, d)]
+    dU = EAGER.vote_gradient(U, plain, scaled)
+    slotted = EAGER.vote_gradient(U, plain, scaled, (3, 2, 2))
+    assert slotted.shape == (6, 2, 2 * 16)
+    for p, j, k, i in itertools.product(range(2), range(2), range(3), range(2)):
+        assert torch.equal(slotted[k * 2 + i, p, j * 16 : (j + 1) * 16], dU[p * 2 + j, k * 2 + i])
 
 
 def em_inputs(conv: bool, factors: bool, seed: int = 0) -> tuple[dict, list[torch.Tensor]]:

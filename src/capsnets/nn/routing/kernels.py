@@ -114,9 +114,11 @@ class EagerKernels:
         U: torch.Tensor,
         plain: Sequence[tuple[torch.Tensor, torch.Tensor]],
         scaled: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        slots: tuple[int, int, int] | None = None,
     ) -> torch.Tensor:
         """One block of dL/dU, ``sum_plain left x right + U * sum_scaled left x right`` (g, N, D), from the uses'
-        factors (left (g, N), right (g, D)); at least one use."""
+        factors (left (g, N), right (g, D)); at least one use. With ``slots`` = (K, T_in, T_out) (N = K * T_in,
+        g = n * T_out) laid out as (K * T_in, n, T_out * D) instead, for a product over the slots."""
 
         def product(pairs):  # sum over the uses of left x right, (g, N, D)
             left = torch.stack([left for left, _ in pairs], dim=1)  # (g, uses, N)
@@ -127,7 +129,13 @@ class EagerKernels:
         if scaled:
             factor = product(scaled)
             dU = factor.mul_(U) if dU is None else dU.addcmul_(U, factor)
-        return dU
+        return dU if slots is None else by_slots(dU, *slots)
+
+
+def by_slots(dU: torch.Tensor, k: int, t_in: int, t_out: int) -> torch.Tensor:
+    """A block of dL/dU (n * T_out, K * T_in, D) as (K * T_in, n, T_out * D) (a copy)."""
+    d = dU.shape[-1]
+    return dU.view(-1, t_out, k, t_in, d).permute(2, 3, 0, 1, 4).reshape(k * t_in, -1, t_out * d)
 
 
 # the contractions as plain formulas, for torch.compile to fuse (and for an enclosing torch.compile to trace)
@@ -155,7 +163,7 @@ def _pose_sum_grads(U, c, dq):
     return (dq[:, :, None] * U).sum(1), (dq[:, :, None] * (U - c[:, None, :]).square()).sum(1)
 
 
-def _vote_gradient(U, plain, scaled):
+def _vote_gradient(U, plain, scaled, slots):
     dU = None
     for left, right in plain:
         term = left[:, :, None] * right[:, None, :]
@@ -166,7 +174,7 @@ def _vote_gradient(U, plain, scaled):
             term = left[:, :, None] * right[:, None, :]
             factor = term if factor is None else factor + term
         dU = U * factor if dU is None else dU + U * factor
-    return dU
+    return dU if slots is None else by_slots(dU, *slots)  # written in that layout by the same loop
 
 
 class CompiledKernels(EagerKernels):
@@ -231,8 +239,9 @@ class CompiledKernels(EagerKernels):
     def pose_sum_grads(self, U, c, dq):
         return self._run("pose_sum_grads", _pose_sum_grads, (U, c, dq))
 
-    def vote_gradient(self, U, plain, scaled):
-        return self._run("vote_gradient", _vote_gradient, (U, [tuple(p) for p in plain], [tuple(p) for p in scaled]))
+    def vote_gradient(self, U, plain, scaled, slots=None):
+        pairs = ([tuple(p) for p in plain], [tuple(p) for p in scaled])
+        return self._run("vote_gradient", _vote_gradient, (U, *pairs, slots))
 
 
 _FAILED: list[str] = []  # the message of a failed compile under ``auto``: eager from then on in this process

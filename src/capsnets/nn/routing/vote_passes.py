@@ -94,10 +94,12 @@ def centred_votes(
     return (U, c0, *vote_tokens(U, plain, scaled))
 
 
-def vote_gradient_blocks(ctx, token_grads, ranges: list[slice], t_out: int):
+def vote_gradient_blocks(ctx, token_grads, ranges: list[slice], t_out: int, slots: tuple[int, int] | None = None):
     """The blocks of dL/dU from the uses' token gradients (:class:`ParentVotes`): for each range of (image,
     position) pairs in ``ranges`` (flat, in the parents' order) yields dU (positions * T_out, N, D) in the parents'
-    layout, formed one block at a time by ``ctx.kernels``; nothing if no use has a gradient."""
+    layout, or with ``slots`` = (K, T_in) in the layout of :class:`FactorVotes`' products over the slots,
+    (K * T_in, positions, T_out * D); formed one block at a time by ``ctx.kernels``; nothing if no use has a
+    gradient."""
     (U,) = ctx.saved_tensors[:1]
     pairs = list(zip(token_grads[::2], token_grads[1::2]))
     plain = [pair for pair in pairs[: ctx.plain] if pair[0] is not None]
@@ -107,7 +109,7 @@ def vote_gradient_blocks(ctx, token_grads, ranges: list[slice], t_out: int):
     for positions in ranges:
         rows = slice(positions.start * t_out, positions.stop * t_out)
         block = [[(left[rows], right[rows]) for left, right in uses] for uses in (plain, scaled)]
-        yield ctx.kernels.vote_gradient(U[rows], *block)
+        yield ctx.kernels.vote_gradient(U[rows], *block, None if slots is None else (*slots, t_out))
 
 
 class ParentVotes(torch.autograd.Function):
@@ -257,15 +259,15 @@ class FactorVotes(torch.autograd.Function):
         flat = pose.reshape(b * p, k, t_in, c)
         ranges = flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS, pose.device)
         computed = False
-        for ps, dU in zip(ranges, vote_gradient_blocks(ctx, token_grads, ranges, t_out)):
+        # each block's vote gradient in the layout of the bmm over (k, i), (K * T_in, n, T_out * D): written there by
+        # the kernels (compiled: in the same loop that forms it; eager: one copy)
+        for ps, d_votes in zip(ranges, vote_gradient_blocks(ctx, token_grads, ranges, t_out, (k, t_in))):
             computed, n = True, ps.stop - ps.start
-            dU = dU.view(n, t_out, k, t_in, d)
             if d_offset is not None:
-                d_offset += dU.sum(dim=(0, 1, 3)).to(pose.dtype)
+                d_offset += d_votes.view(k, t_in, n * t_out, d).sum(dim=(1, 2)).to(pose.dtype)
             if d_pose is None and d_weight is None:
                 continue
-            # the block's vote gradient in the layout of the bmm over (k, i), one copy: (K * T_in, n, T_out * D)
-            d_votes = dU.permute(2, 3, 0, 1, 4).reshape(k * t_in, n, t_out * d).to(pose.dtype)
+            d_votes = d_votes.to(pose.dtype)
             if d_pose is not None:
                 if weight_t is None:
                     weight_t = weight.to(pose.dtype).permute(0, 1, 2, 4, 3).reshape(k * t_in, t_out * d, c)
