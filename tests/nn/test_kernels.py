@@ -93,7 +93,8 @@ def test_the_kernels_compute_what_they_claim():
     U, plain, scaled = cases["vote_gradient"]
     outer = lambda pairs: sum(torch.einsum("gn,gd->gnd", left, right) for left, right in pairs)  # noqa: E731
     assert torch.allclose(EAGER.vote_gradient(U, plain, scaled), outer(plain) + U * outer(scaled))
-    # by the (K, T_in) = (3, 2) slots of T_out = 2 parents at n = 2 positions: dU[(p, j), (k, i), d] at [(k, i), p, (j, d)]
+    # by the (K, T_in) = (3, 2) slots of T_out = 2 parents at n = 2 positions:
+    # dU[(p, j), (k, i), d] lands at [(k, i), p, (j, d)]
     dU = EAGER.vote_gradient(U, plain, scaled)
     slotted = EAGER.vote_gradient(U, plain, scaled, (3, 2, 2))
     assert slotted.shape == (6, 2, 2 * 16)
