@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -249,11 +250,12 @@ def last_metric(run_dir: Path, name: str) -> float:
     return values[-1]
 
 
-def synthetic_run(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    """train.py overrides: the small CapsNet on synthetic data, one epoch of 128 samples, run folder tmp_path/name."""
+def synthetic_run(tmp_path: Path, name: str, *extra: str, model: Sequence[str] = tuple(SMALL_DR_CAPS)) -> list[str]:
+    """train.py overrides: the small CapsNet (or ``model``'s overrides) on synthetic data, one epoch of 128 samples,
+    run folder tmp_path/name."""
     return [
         "data=synthetic",
-        *SMALL_DR_CAPS,
+        *model,
         "trainer=cpu",
         "trainer.max_epochs=1",
         "data.num_train=128",

@@ -172,18 +172,7 @@ def test_train_py_with_compiled_routing_kernels_and_eval_py_with_eager_ones_agre
     em_caps_small trains with compiled kernels, and eval.py with eager ones reproduces its test accuracy and loss."""
     assert cpp_compiler() is not None, "inductor needs a C++ compiler on a CPU: make install adds g++ (as root)"
     tiny_em = ["model=em_caps_small", "model.net.A=8", "model.net.B=4", "model.net.C=4", "model.net.D=4"]
-    overrides = [
-        *tiny_em,
-        "data=synthetic",
-        "trainer=cpu",
-        "trainer.max_epochs=1",
-        "data.num_train=128",
-        "data.num_val=64",
-        "data.num_test=64",
-        f"paths.log_dir={tmp_path}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    proc = cli("train.py", *overrides, env={"CAPSNETS_ROUTING_KERNELS": ""})
+    proc = cli("train.py", *synthetic_run(tmp_path, "run", model=tiny_em), env={"CAPSNETS_ROUTING_KERNELS": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.compile failed" not in proc.stdout + proc.stderr
     best = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))

@@ -129,6 +129,20 @@ def em_inputs(conv: bool, factors: bool, seed: int = 0) -> tuple[dict, list[torc
     return inputs, [pose, weight, offset, a_in, beta_u, beta_a]
 
 
+def outputs_and_gradients(out, leaves):
+    """A routing's outputs and the gradients of a loss of all of them with respect to ``leaves``."""
+    loss = sum((torch.cos(3 * x) * (i + 1)).sum() for i, x in enumerate(out))
+    return out, torch.autograd.grad(loss, leaves)
+
+
+def assert_same_results(eager, compiled) -> None:
+    """Eager and compiled kernels' outputs and gradients (float64) agree to rounding; every gradient is non-zero."""
+    for x, y in zip(eager[0], compiled[0], strict=True):
+        assert torch.allclose(x, y, atol=1e-12, rtol=1e-10)
+    for x, y in zip(eager[1], compiled[1], strict=True):
+        assert x.abs().max() > 0 and torch.allclose(x, y, atol=1e-11, rtol=1e-9)
+
+
 @pytest.mark.parametrize("normalisation", ["covering", "type"])
 @pytest.mark.parametrize("factors", [True, False], ids=["factors", "votes"])
 @pytest.mark.parametrize("conv", [True, False], ids=["conv", "fc"])
@@ -136,14 +150,10 @@ def test_em_routing_with_compiled_kernels_equals_eager_in_values_and_gradients(c
     results = []
     for mode in ("eager", "compiled"):
         inputs, leaves = em_inputs(conv, factors)  # the same values, a fresh graph
-        out = fused_em_routing(**inputs, normalisation=normalisation, kernels=mode)
-        loss = sum((torch.cos(3 * x) * (i + 1)).sum() for i, x in enumerate(out))
-        results.append((out, torch.autograd.grad(loss, leaves)))
-    (eager, eager_grads), (compiled, compiled_grads) = results
-    for x, y in zip(eager, compiled):
-        assert torch.allclose(x, y, atol=1e-12, rtol=1e-10)
-    for x, y in zip(eager_grads, compiled_grads):
-        assert x.abs().max() > 0 and torch.allclose(x, y, atol=1e-11, rtol=1e-9)
+        results.append(
+            outputs_and_gradients(fused_em_routing(**inputs, normalisation=normalisation, kernels=mode), leaves)
+        )
+    assert_same_results(*results)
 
 
 def float32_errors(got, ref) -> list[float]:
@@ -183,13 +193,8 @@ def test_vb_routing_with_compiled_kernels_equals_eager_in_values_and_gradients(f
         routing = build_routing({"name": "vb", "kernels": mode}, kind="matrix", out_types=4).double()
         assert routing.kernels == mode
         out = routing(inputs["V"], inputs["a_in"], inputs["layout"])
-        loss = sum((torch.cos(3 * x) * (i + 1)).sum() for i, x in enumerate(out))
-        results.append((out, torch.autograd.grad(loss, leaves[:4])))  # pose, weight, offset, a_in
-    (eager, eager_grads), (compiled, compiled_grads) = results
-    for x, y in zip(eager, compiled):
-        assert torch.allclose(x, y, atol=1e-12, rtol=1e-10)
-    for x, y in zip(eager_grads, compiled_grads):
-        assert x.abs().max() > 0 and torch.allclose(x, y, atol=1e-11, rtol=1e-9)
+        results.append(outputs_and_gradients(out, leaves[:4]))  # pose, weight, offset, a_in
+    assert_same_results(*results)
 
 
 def test_a_training_step_with_compiled_kernels_equals_eager():
