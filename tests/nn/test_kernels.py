@@ -143,7 +143,7 @@ def assert_same_results(eager, compiled) -> None:
         assert x.abs().max() > 0 and torch.allclose(x, y, atol=1e-11, rtol=1e-9)
 
 
-@pytest.mark.parametrize("normalisation", ["covering", "type"])
+@pytest.mark.parametrize("normalisation", ["covering", "type", "patch"])
 @pytest.mark.parametrize("factors", [True, False], ids=["factors", "votes"])
 @pytest.mark.parametrize("conv", [True, False], ids=["conv", "fc"])
 def test_em_routing_with_compiled_kernels_equals_eager_in_values_and_gradients(conv, factors, normalisation):
@@ -258,6 +258,41 @@ def test_under_a_dispatch_mode_the_kernels_run_eager_and_are_seen_by_it():
         got = COMPILED.vote_sum(*args)
     assert torch.equal(got, EAGER.vote_sum(*args)) and counter.get_total_flops() == 2 * 6 * 5 * 16
     assert not kernels._FAILED
+
+
+def doubled_with_a_graph_break(x: torch.Tensor) -> torch.Tensor:
+    torch._dynamo.graph_break()  # what torch.compile(fullgraph=True) cannot trace whole
+    return 2 * x
+
+
+def test_a_formula_that_does_not_trace_whole_runs_eager_after_one_warning_or_is_refused_under_compiled():
+    x = torch.randn(3, 4, requires_grad=True)
+    auto = CompiledKernels(strict=False)
+    with pytest.warns(RuntimeWarning, match="routing kernels: doubled cannot be compiled .*; running it eager"):
+        y = auto.stats("doubled", doubled_with_a_graph_break, x)
+    assert torch.equal(y, 2 * x) and y.requires_grad  # eager, differentiable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: from now on eager without trying again
+        assert torch.equal(auto.stats("doubled", doubled_with_a_graph_break, x), 2 * x)
+    with pytest.raises(RuntimeError, match="doubled cannot be compiled .*set model.routing.kernels=auto or eager"):
+        CompiledKernels(strict=True).stats("doubled", doubled_with_a_graph_break, x)
+    assert not kernels._FAILED  # the other kernels stay compiled
+
+
+def test_compiled_statistics_are_differentiable_and_equal_eager():
+    # the statistics formulas are compiled with their backward pass (autograd through them)
+    from capsnets.nn.routing.em_fused import parent_weights
+
+    R = torch.rand(2, 3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    a_in = torch.rand(2, 3, 1, 5, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for which in (EAGER, COMPILED):
+        w, sum_R, mass = which.stats("parent_weights", parent_weights, R, a_in, 1e-8, torch.float32)
+        assert w.dtype == torch.float32 and w.shape == (24, 30)
+        loss = (w.double().cos() * torch.arange(30)).sum() + sum_R.sin().sum() + mass.sum()
+        results.append((w, sum_R, mass, *torch.autograd.grad(loss, (R, a_in))))
+    for x, y in zip(*results, strict=True):
+        assert torch.allclose(x, y, rtol=1e-6 if x.dtype == torch.float32 else 1e-12)
 
 
 FAILING_COMPILER = textwrap.dedent(

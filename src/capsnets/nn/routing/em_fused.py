@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from capsnets.nn.routing.base import RoutingResult, RoutingTrace, VoteFactors, Votes, register_routing
 from capsnets.nn.routing.em import PAPER, EMRoutingBase, EMVariant, activation_logits, smoothed_mean
 from capsnets.nn.routing.kernels import EAGER, EagerKernels, KernelMode, vote_kernels
-from capsnets.nn.routing.layout import ChildLayout
+from capsnets.nn.routing.layout import ChildLayout, normalise_over_parents
 from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum, first_order_only
 
 STATS = torch.float64  # the per-parent statistics' dtype
@@ -134,6 +134,19 @@ def spread_about(
     return E_Q - 2 * delta * (E_U - mass * c_s) + mass * delta**2, c, delta
 
 
+def parent_weights(
+    R: torch.Tensor, a_in: torch.Tensor, eps: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each parent's weights of its votes, ``w_i = R_ij a_i / sum_i R_ij a_i`` (G, N) in ``dtype``, with ``sum_i R_ij
+    a_i`` (B, P, T_out) and the weights' sum (B, P, T_out, 1): 1, or 0 for a parent without data. R (B, P, T_out, K,
+    T_in), a_in broadcast to it."""
+    R = R * a_in  # R_ij <- R_ij * a_i, (B, P, T_out, K, T_in)
+    sum_R = R.sum(dim=(3, 4))  # sum_i R_ij, (B, P, T_out)
+    R_norm = R / (sum_R[..., None, None] + eps)  # eps keeps empty parents finite
+    mass = (sum_R / (sum_R + eps))[..., None]  # sum_i R_norm_ij: 1, or 0 for an empty parent, (B, P, T_out, 1)
+    return R_norm.reshape(-1, R.shape[3] * R.shape[4]).to(dtype), sum_R, mass
+
+
 def m_step(
     R: torch.Tensor,
     a_in: torch.Tensor,
@@ -159,11 +172,7 @@ def m_step(
     """
     b, p, t_out = R.shape[:3]
     d = U.shape[-1]
-    R = R * a_in  # R_ij <- R_ij * a_i, (B, P, T_out, K, T_in)
-    sum_R = R.sum(dim=(3, 4))  # sum_i R_ij, (B, P, T_out)
-    R_norm = R / (sum_R[..., None, None] + eps)  # eps keeps empty parents finite
-    mass = (sum_R / (sum_R + eps))[..., None]  # sum_i R_norm_ij: 1, or 0 for an empty parent, (B, P, T_out, 1)
-    w = R_norm.reshape(b * p * t_out, -1).to(U.dtype)  # (G, N)
+    w, sum_R, mass = kernels.stats("parent_weights", parent_weights, R, a_in, eps, U.dtype)
     # pass 1: E[U] = sum_i w_i U_i, mu = m c0 + E[U] (line 3), smoothed as the variant asks
     E_U = VoteSum.apply(U, *tokens[0:2], w, kernels).to(STATS).view(b, p, t_out, d)
     c0 = c0.view(b, p, t_out, d)
@@ -200,7 +209,24 @@ def e_step(
     f1 = (-2.0 * delta * inv_var).view(b * p * t_out, -1)
     f2 = inv_var.view(b * p * t_out, -1)
     q = PoseSum.apply(U, c, *tokens, f1.to(U.dtype), f2.to(U.dtype), kernels).view(b, p, t_out, k, -1)  # in U's dtype
-    c = c.to(STATS).view_as(delta)
+    args = (q, c.to(STATS).view_as(delta), delta, inv_var, sigma_sq, logits, layout.child_index, layout.num_children)
+    return kernels.stats("assignments", assignments, *args, normalisation)
+
+
+def assignments(
+    q: torch.Tensor,
+    c: torch.Tensor,
+    delta: torch.Tensor,
+    inv_var: torch.Tensor,
+    sigma_sq: torch.Tensor,
+    logits: torch.Tensor,
+    child_index: torch.Tensor | None,
+    num_children: int | None,
+    normalisation: str,
+) -> torch.Tensor:
+    """The E-step's assignments R (B, P, T_out, K, T_in) from ``q = sum_h (U - c)^2 / sigma^2 + U f1`` (B, P, T_out,
+    K, T_in) and the parents' statistics (B, P, T_out, D) or (B, P, T_out), normalised over each child's parents in
+    the layout ``child_index`` (:func:`~capsnets.nn.routing.layout.normalise_over_parents`)."""
     # log p_ij = sum_h log N(V_ij^h; mu_j^h, sigma_j^h) = -0.5 (q_ij + the parent's terms)
     per_parent = ((2 * c + delta) * delta * inv_var + torch.log(2 * math.pi * sigma_sq)).sum(dim=-1)  # (B, P, T_out)
     # log a_j + log p_ij: the parent's terms first, then q added in one pass over the (parent, child) pairs (in
@@ -209,7 +235,8 @@ def e_step(
         (F.logsigmoid(logits) - 0.5 * per_parent)[..., None, None], q, alpha=-0.5
     )  # (B, P, T_out, K, T_in)
     # normalised over each child's parents in the routing layout (a permuted view: no copy)
-    return layout.softmax(log_a_p.permute(0, 1, 3, 4, 2), over=normalisation).permute(0, 1, 4, 2, 3)
+    R = normalise_over_parents(log_a_p.permute(0, 1, 3, 4, 2), child_index, num_children, normalisation)
+    return R.permute(0, 1, 4, 2, 3)
 
 
 def fused_em_routing(

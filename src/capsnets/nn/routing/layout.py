@@ -71,31 +71,7 @@ class ChildLayout:
 
     def softmax(self, logits: torch.Tensor, over: str = "covering") -> torch.Tensor:
         """Normalise ``exp(logits)`` (B, P, K, T_in, T_out), any strides, over each child's parents."""
-        if not self.shared or over == "patch":
-            return softmax_last(logits)
-        if over == "type":
-            return self._softmax_per_type(logits)
-        b, p, k, t_in, _ = logits.shape
-        index = self.child_index
-        # the max over every covering parent (a constant shift: it does not change the softmax)
-        slot_max = logits.detach().amax(dim=-1).reshape(b, p * k, t_in)  # (B, P*K, T_in)
-        child_max = slot_max.new_full((b, self.num_children, t_in), -math.inf)
-        child_max = child_max.scatter_reduce(1, index.view(1, -1, 1).expand_as(slot_max), slot_max, reduce="amax")
-        e = torch.exp(logits - child_max.index_select(1, index).view(b, p, k, t_in, 1))  # largest term per child = 1
-        child_sum = e.new_zeros(b, self.num_children, t_in).index_add(1, index, e.sum(dim=-1).reshape(b, p * k, t_in))
-        # children covered by no patch never appear in child_index, so no 0/0 is read back
-        return e / child_sum.index_select(1, index).view(b, p, k, t_in, 1)
-
-    def _softmax_per_type(self, logits: torch.Tensor) -> torch.Tensor:
-        b, p, k, t_in, t_out = logits.shape
-        index = self.child_index
-        flat = logits.reshape(b, p * k, t_in, t_out)  # (B, P*K, T_in, T_out)
-        scatter_index = index.view(1, -1, 1, 1).expand_as(flat)
-        child_max = flat.new_full((b, self.num_children, t_in, t_out), -math.inf)
-        child_max = child_max.scatter_reduce(1, scatter_index, flat.detach(), reduce="amax")
-        e = torch.exp(flat - child_max.index_select(1, index))
-        child_sum = e.new_zeros(b, self.num_children, t_in, t_out).index_add(1, index, e)
-        return (e / child_sum.index_select(1, index)).view(b, p, k, t_in, t_out)
+        return normalise_over_parents(logits, self.child_index, self.num_children, over)
 
     def child_totals(self, R: torch.Tensor) -> torch.Tensor:
         """Sum of each child's assignments over all its parents: (B, P, K, T_in, T_out) -> (B, N, T_in).
@@ -107,6 +83,38 @@ class ChildLayout:
         if not self.shared:
             return per_slot
         return per_slot.new_zeros(b, self.num_children, t_in).index_add(1, self.child_index, per_slot)
+
+
+def normalise_over_parents(
+    logits: torch.Tensor, child_index: torch.Tensor | None, num_children: int | None, over: str
+) -> torch.Tensor:
+    """:meth:`ChildLayout.softmax` as a function of the layout's index (what torch.compile traces: the fused routings'
+    compiled statistics, :mod:`~capsnets.nn.routing.kernels`)."""
+    if child_index is None or over == "patch":
+        # traced by torch.compile: its own loops handle the memory order (softmax_last's reordering is eager's)
+        return torch.softmax(logits, dim=-1) if torch.compiler.is_compiling() else softmax_last(logits)
+    if over == "type":
+        return _softmax_per_type(logits, child_index, num_children)
+    b, p, k, t_in, _ = logits.shape
+    # the max over every covering parent (a constant shift: it does not change the softmax)
+    slot_max = logits.detach().amax(dim=-1).reshape(b, p * k, t_in)  # (B, P*K, T_in)
+    child_max = slot_max.new_full((b, num_children, t_in), -math.inf)
+    child_max = child_max.scatter_reduce(1, child_index.view(1, -1, 1).expand_as(slot_max), slot_max, reduce="amax")
+    e = torch.exp(logits - child_max.index_select(1, child_index).view(b, p, k, t_in, 1))  # largest term per child: 1
+    child_sum = e.new_zeros(b, num_children, t_in).index_add(1, child_index, e.sum(dim=-1).reshape(b, p * k, t_in))
+    # children covered by no patch never appear in child_index, so no 0/0 is read back
+    return e / child_sum.index_select(1, child_index).view(b, p, k, t_in, 1)
+
+
+def _softmax_per_type(logits: torch.Tensor, index: torch.Tensor, num_children: int) -> torch.Tensor:
+    b, p, k, t_in, t_out = logits.shape
+    flat = logits.reshape(b, p * k, t_in, t_out)  # (B, P*K, T_in, T_out)
+    scatter_index = index.view(1, -1, 1, 1).expand_as(flat)
+    child_max = flat.new_full((b, num_children, t_in, t_out), -math.inf)
+    child_max = child_max.scatter_reduce(1, scatter_index, flat.detach(), reduce="amax")
+    e = torch.exp(flat - child_max.index_select(1, index))
+    child_sum = e.new_zeros(b, num_children, t_in, t_out).index_add(1, index, e)
+    return (e / child_sum.index_select(1, index)).view(b, p, k, t_in, t_out)
 
 
 def softmax_last(x: torch.Tensor) -> torch.Tensor:
