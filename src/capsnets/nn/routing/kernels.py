@@ -8,8 +8,8 @@ times slower than one read of U (measured: the E-step's contraction 13 ms agains
 21M-element float32 U, 2 threads). ``compiled`` writes each contraction as the plain formula and lets torch.compile
 (Inductor: C++ loops on a CPU, Triton on a GPU) fuse it into one loop that reads U once and forms nothing
 vote-sized: 4.7 ms for that contraction, and the vote gradient of the backward pass in 10.5 instead of 26 ms. EM
-routing's per-parent and per-assignment statistics between those passes (tens of small elementwise, gather and scatter passes
-over the assignments R, in float64, forward and backward) are compiled too, with their backward pass
+routing's per-parent and per-assignment statistics between those passes (tens of small elementwise, gather and
+scatter passes over the assignments R, in float64, forward and backward) are compiled too, with their backward pass
 (:meth:`CompiledKernels.stats`). A whole training step (``scripts/bench.py --compare model.routing.kernels=eager``,
 same run, batch 32, smallNORB shapes): em_caps_small 1.48x (float32) / 1.50x (bf16 autocast), em_caps 1.75x / 1.54x.
 
