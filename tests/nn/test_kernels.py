@@ -279,6 +279,24 @@ def test_a_formula_that_does_not_trace_whole_runs_eager_after_one_warning_or_is_
     assert not kernels._FAILED  # the other kernels stay compiled
 
 
+def test_each_layer_shape_of_the_statistics_compiles_apart_from_the_others():
+    # torch counts its limit of compiled versions per function: the statistics take one function per layer shape
+    # (and layout and grad mode), so that training, validation and partial batches of several layers never reach it
+    # (with one shared function they did, and ran eagerly: README); here four layer shapes under a limit of 2, each
+    # compiled as a function of its own (one shared function: 2 versions, the second with P dynamic)
+    from capsnets.nn.routing.em_fused import parent_weights
+
+    fresh = CompiledKernels(strict=True)
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for p in (2, 3, 4, 5):
+            R, a_in = torch.rand(2, p, 4, 5, 6, dtype=torch.float64), torch.rand(2, p, 1, 5, 6, dtype=torch.float64)
+            w, _, _ = fresh.stats("parent_weights", parent_weights, R, a_in, 1e-8, torch.float64)
+            assert torch.allclose(w, parent_weights(R, a_in, 1e-8, torch.float64)[0])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+    assert len(fresh._compiled) == 4
+
+
 def test_compiled_statistics_are_differentiable_and_equal_eager():
     # the statistics formulas are compiled with their backward pass (autograd through them)
     from capsnets.nn.routing.em_fused import parent_weights

@@ -26,6 +26,7 @@ as eager).
 from __future__ import annotations
 
 import os
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -207,9 +208,13 @@ class CompiledKernels(EagerKernels):
             # torch.compile refuses to run under a dispatch mode (FlopCounterMode, a debugging mode): eager, whose
             # operations such a mode also sees (counted FLOPs)
             return eager(*args)
-        fn = self._compiled.get(name)
+        key = (name, _signature(args)) if differentiable else name
+        fn = self._compiled.get(key)
         if fn is None:
-            fn = self._compiled[name] = torch.compile(formula, fullgraph=True)
+            # the statistics: one compiled copy per layer shape, assignment layout and grad mode (a function of its
+            # own, so that torch's limit of compiled versions per function counts each separately: with one function
+            # for all, training, validation and a partial batch reached it, measured)
+            fn = self._compiled[key] = torch.compile(_own_copy(formula) if differentiable else formula, fullgraph=True)
         if not differentiable:
             for x in _tensors(args):  # the parents (G) vary with the batch and the block; N and D are the layer's
                 torch._dynamo.maybe_mark_dynamic(x, 0)
@@ -274,6 +279,23 @@ class CompiledKernels(EagerKernels):
 
 
 _FAILED: list[str] = []  # the message of a failed compile under ``auto``: eager from then on in this process
+
+
+def _own_copy(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own: torch.compile keeps compiled versions, and counts them against its
+    recompilation limit, per code object."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _signature(args) -> tuple:
+    """What a statistics call's compiled version depends on besides the batch size: each tensor's other sizes,
+    strides and dtype, the other arguments, and whether gradients are recorded."""
+    parts = [
+        (x.shape[1:], x.stride()[1:], x.dtype) if isinstance(x, torch.Tensor) else x
+        for x in args
+        if not isinstance(x, (list, tuple))
+    ]
+    return (*parts, torch.is_grad_enabled())
 
 
 def _tensors(args) -> list[torch.Tensor]:
