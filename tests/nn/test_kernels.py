@@ -15,6 +15,7 @@ import torch
 
 from capsnets.nets import EMCapsNet
 from capsnets.nn.conv_caps import conv_child_index
+from capsnets.nn.matrix_caps import vote_weight
 from capsnets.nn.routing import ChildLayout, VoteFactors, build_routing, kernels
 from capsnets.nn.routing.em_fused import fused_em_routing
 from capsnets.nn.routing.kernels import AUTO_ENV, EAGER, CompiledKernels, vote_kernels
@@ -102,8 +103,37 @@ def test_the_kernels_compute_what_they_claim():
         assert torch.equal(slotted[k * 2 + i, p, j * 16 : (j + 1) * 16], dU[p * 2 + j, k * 2 + i])
 
 
-def em_inputs(conv: bool, factors: bool, seed: int = 0) -> tuple[dict, list[torch.Tensor]]:
-    """Float64 routing inputs (a 3x3/1 conv layer on a 5x5 grid, or a fully connected one) and their leaves."""
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("kron", [True, False], ids=["kron", "general"])
+@pytest.mark.parametrize("offset", [True, False], ids=["offset", "no_offset"])
+@pytest.mark.parametrize("centre", [True, False], ids=["centred", "plain"])
+def test_factor_votes_compiled_equals_eager_and_the_votes(kron, offset, centre, dtype, rtol, monkeypatch):
+    # n = 37 (image, position) pairs of K = 9 slots, T_in = 3, T_out = 4; votes far from the origin; the transforms
+    # of matrix poses (kron(I_4, W), mostly zeros) or general 16x16 ones
+    gen = torch.Generator().manual_seed(0)
+    pose = 3.0 + torch.randn(37, 9, 3, 16, generator=gen, dtype=torch.float64)
+    if kron:
+        weight = vote_weight(torch.randn(9, 3, 4, 4, 4, generator=gen, dtype=torch.float64))
+    else:
+        weight = torch.randn(9, 3, 4, 16, 16, generator=gen, dtype=torch.float64)
+    shift = torch.randn(9, 16, generator=gen, dtype=torch.float64) if offset else None
+    # the votes in the parents' layout (n, T_out, K, T_in, D), from their definition
+    V = VoteFactors(pose[None], weight, shift).materialise()[0].permute(0, 3, 1, 2, 4)
+    c0 = V.mean(dim=(2, 3), keepdim=True) if centre else torch.zeros_like(V[:, :, :1, :1])
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 3000)  # eager: blocks of a few positions, a partial last one
+    eager = EAGER.factor_votes(pose, weight, shift, centre, dtype)
+    assert_close(eager, ((V - c0).to(dtype), c0.to(dtype)), rtol)
+    compiled = COMPILED.factor_votes(pose, weight, shift, centre, dtype)
+    assert_close(compiled, eager, rtol)
+    assert compiled[0].is_contiguous()  # the parents' layout, which FactorVotes views as (G, N, D)
+    # a batch of another size runs the same compiled loop (the positions are dynamic)
+    assert_close(COMPILED.factor_votes(pose[:20], weight, shift, centre, dtype), [x[:20] for x in eager], rtol)
+    assert not kernels._FAILED
+
+
+def em_inputs(conv: bool, factors: bool, seed: int = 0, kron: bool = False) -> tuple[dict, list[torch.Tensor]]:
+    """Float64 routing inputs (a 3x3/1 conv layer on a 5x5 grid, or a fully connected one) and their leaves;
+    ``kron``: the transforms of matrix poses, kron(I_4, W) of 4x4 matrices W (the leaf)."""
     torch.manual_seed(seed)
     if conv:
         layout, k, p = ChildLayout(conv_child_index(5, 5, kernel_size=3, stride=1), 25), 9, 9
@@ -112,11 +142,15 @@ def em_inputs(conv: bool, factors: bool, seed: int = 0) -> tuple[dict, list[torc
     b, t_in, t_out, d = 2, 3, 4, 16
     opts = dict(dtype=torch.float64, requires_grad=True)
     pose = torch.randn(b, p, k, t_in, d, **opts)
-    weight = (0.5 * torch.randn(k, t_in, t_out, d, d, dtype=torch.float64)).requires_grad_(True)
+    if kron:
+        weight = (0.5 * torch.randn(k, t_in, t_out, 4, 4, dtype=torch.float64)).requires_grad_(True)
+        factor = vote_weight(weight)
+    else:
+        weight = factor = (0.5 * torch.randn(k, t_in, t_out, d, d, dtype=torch.float64)).requires_grad_(True)
     offset = torch.randn(k, d, **opts)
     a_in = torch.rand(b, p, k, t_in, **opts)
     beta_u, beta_a = torch.randn(t_out, **opts), torch.randn(t_out, **opts)
-    V = VoteFactors(pose, weight, offset)
+    V = VoteFactors(pose, factor, offset)
     inputs = dict(
         V=V if factors else V.materialise(),
         a_in=a_in,
@@ -144,12 +178,13 @@ def assert_same_results(eager, compiled) -> None:
 
 
 @pytest.mark.parametrize("normalisation", ["covering", "type", "patch"])
-@pytest.mark.parametrize("factors", [True, False], ids=["factors", "votes"])
+@pytest.mark.parametrize("factors", ["factors", "kron", "votes"])
 @pytest.mark.parametrize("conv", [True, False], ids=["conv", "fc"])
 def test_em_routing_with_compiled_kernels_equals_eager_in_values_and_gradients(conv, factors, normalisation):
     results = []
     for mode in ("eager", "compiled"):
-        inputs, leaves = em_inputs(conv, factors)  # the same values, a fresh graph
+        # the same values, a fresh graph
+        inputs, leaves = em_inputs(conv, factors != "votes", kron=factors == "kron")
         results.append(
             outputs_and_gradients(fused_em_routing(**inputs, normalisation=normalisation, kernels=mode), leaves)
         )

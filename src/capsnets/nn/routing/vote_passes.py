@@ -25,15 +25,12 @@ from capsnets.nn.routing.kernels import (  # noqa: F401 - the blocks' sizes live
     ACCELERATOR_CHUNK_ELEMENTS,
     CHUNK_ELEMENTS,
     EAGER,
+    FACTOR_BLOCKS,
     EagerKernels,
     chunk_elements,
+    flat_position_chunks,
     parent_chunks,
 )
-
-# forming votes from their factors (FactorVotes) works in bigger blocks, FACTOR_BLOCKS x chunk_elements
-# elements (on a CPU em_caps: about 3 images of ConvCaps1): its backward accumulates dL/dW once per block, a bmm whose
-# inner dimension is the block's positions, and CPU blocks of CHUNK_ELEMENTS made that pass 2x slower (measured)
-FACTOR_BLOCKS = 8
 
 
 def position_chunks(b: int, p: int, per_position: int, device: torch.device | str) -> list[tuple[slice, slice]]:
@@ -46,13 +43,6 @@ def position_chunks(b: int, p: int, per_position: int, device: torch.device | st
         return [(slice(i, min(b, i + images)), slice(0, p)) for i in range(0, b, images)]
     step = max(1, chunk // per_position)
     return [(slice(i, i + 1), slice(q, min(p, q + step))) for i in range(b) for q in range(0, p, step)]
-
-
-def flat_position_chunks(positions: int, per_position: int, blocks: int, device: torch.device | str) -> list[slice]:
-    """Ranges of the B * P (image, position) pairs, in the parents' order, of about ``blocks`` x
-    :func:`chunk_elements` vote elements each."""
-    step = max(1, blocks * chunk_elements(device) // per_position)
-    return [slice(q, min(positions, q + step)) for q in range(0, positions, step)]
 
 
 def first_order_only(backward):
@@ -202,10 +192,11 @@ class VoteDot(torch.autograd.Function):
 
 
 class FactorVotes(torch.autograd.Function):
-    """:class:`ParentVotes` from the votes' factors (:class:`~capsnets.nn.routing.VoteFactors`): each block of
-    votes ``V = pose @ weight + offset`` is formed, centred (if ``centre``) and laid out while in cache, so the votes
-    never exist whole (em_caps' ConvCaps1: 678 MB at batch 32 in float32); the backward pass forms each block of dL/dV
-    and turns it into the gradients of the pose, weight and offset at once."""
+    """:class:`ParentVotes` from the votes' factors (:class:`~capsnets.nn.routing.VoteFactors`): the votes
+    ``V = pose @ weight + offset`` are formed straight into U, centred (if ``centre``) and laid out by the kernels'
+    ``factor_votes`` (eager: block by block while in cache; compiled: in one loop), so V never exists besides U
+    (em_caps' ConvCaps1: 678 MB at batch 32 in float32); the backward pass forms each block of dL/dV and turns it into
+    the gradients of the pose, weight and offset at once."""
 
     @staticmethod
     def forward(
@@ -220,27 +211,8 @@ class FactorVotes(torch.autograd.Function):
         kernels: EagerKernels = EAGER,
     ):  # type: ignore[override]
         b, p, k, t_in, c = pose.shape  # pose (B, P, K, T_in, C), weight (K, T_in, T_out, C, D), offset (K, D)
-        t_out, d = weight.shape[2], weight.shape[4]
         ctx.set_materialize_grads(False)
-        # the transforms once in the layout of a bmm over (k, i): (K * T_in, C, T_out * D)
-        weight_b = weight.to(dtype).permute(0, 1, 3, 2, 4).reshape(k * t_in, c, t_out * d)
-        offset_m = None if offset is None else offset.to(dtype)[:, None, :]  # (K, 1, D) over T_in
-        flat = pose.reshape(b * p, k, t_in, c)  # the (image, position) pairs in a row
-        U = pose.new_empty(b * p, t_out, k, t_in, d, dtype=dtype)
-        c0 = (pose.new_empty if centre else pose.new_zeros)(b * p, t_out, 1, 1, d, dtype=dtype)
-        for ps in flat_position_chunks(b * p, t_out * k * t_in * d, FACTOR_BLOCKS, pose.device):
-            n = ps.stop - ps.start
-            pose_b = flat[ps].to(dtype).permute(1, 2, 0, 3).reshape(k * t_in, n, c)  # (K * T_in, n, C)
-            block = (
-                torch.bmm(pose_b, weight_b).view(k, t_in, n, t_out, d).permute(2, 3, 0, 1, 4)
-            )  # (n, T_out, K, T_in, D)
-            if offset_m is not None:
-                block = block.add_(offset_m)
-            if centre:
-                torch.mean(block, dim=(2, 3), keepdim=True, out=c0[ps])
-                torch.sub(block, c0[ps], out=U[ps])
-            else:
-                U[ps].copy_(block)
+        U, c0 = kernels.factor_votes(pose.reshape(b * p, k, t_in, c), weight, offset, centre, dtype)
         ctx.has_offset = offset is not None
         return centred_votes(ctx, U, c0, plain, scaled, kernels, pose, weight)
 
