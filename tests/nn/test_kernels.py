@@ -230,6 +230,9 @@ def test_vb_routing_with_compiled_kernels_equals_eager_in_values_and_gradients(f
         out = routing(inputs["V"], inputs["a_in"], inputs["layout"])
         results.append(outputs_and_gradients(out, leaves[:4]))  # pose, weight, offset, a_in
     assert_same_results(*results)
+    # its statistics ran compiled (the M-step weights, the q(R) update), not eager after a failure to trace
+    compiled = {key[0] for key in COMPILED._compiled if isinstance(key, tuple)}
+    assert {"parent_weights", "vb_assignments"} <= compiled and not COMPILED._untraceable
 
 
 def test_a_training_step_with_compiled_kernels_equals_eager():

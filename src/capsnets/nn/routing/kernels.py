@@ -7,15 +7,15 @@ that forms it block by block: on a CPU these products run at ~10-40 GFLOP/s on t
 times slower than one read of U (measured: the E-step's contraction 13 ms against 2.5 ms for a sum over the same
 21M-element float32 U, 2 threads). ``compiled`` writes each contraction as the plain formula and lets torch.compile
 (Inductor: C++ loops on a CPU, Triton on a GPU) fuse it into one loop that reads U once and forms nothing
-vote-sized: 4.7 ms for that contraction, and the vote gradient of the backward pass in 10.5 instead of 26 ms. EM
-routing's per-parent and per-assignment statistics between those passes (tens of small elementwise, gather and
-scatter passes over the assignments R, in float64, forward and backward) are compiled too, with their backward pass
-(:meth:`CompiledKernels.stats`). A whole training step (``scripts/bench.py --compare model.routing.kernels=eager``,
-same run, batch 32, smallNORB shapes): em_caps_small 1.48x (float32) / 1.50x (bf16 autocast), em_caps 1.75x / 1.54x.
-So, since, is forming the votes from their factors (``factor_votes``: each vote computed in the loop that writes it,
-centred on each parent's mean taken from the factors by one matrix product): em_caps_small's ConvCaps1 18 against
-32 ms eager; a training step 1.02x / 1.09x faster than with eager ``factor_votes`` (em_caps 1.01x / 1.05x;
-interleaved A/B, two runs).
+vote-sized: 4.7 ms for that contraction, and the vote gradient of the backward pass in 10.5 instead of 26 ms. The
+EM and VB routings' per-parent and per-assignment statistics between those passes (tens of small elementwise,
+gather and scatter passes over the assignments R, in float64, forward and backward) are compiled too, with their
+backward pass (:meth:`CompiledKernels.stats`). A whole training step (``scripts/bench.py --compare
+model.routing.kernels=eager``, same run, batch 32, smallNORB shapes): em_caps_small 1.48x (float32) / 1.50x (bf16
+autocast), em_caps 1.75x / 1.54x. So, since, is forming the votes from their factors (``factor_votes``: each vote
+computed in the loop that writes it, centred on each parent's mean taken from the factors by one matrix product):
+em_caps_small's ConvCaps1 18 against 32 ms eager; a training step 1.02x / 1.09x faster than with eager
+``factor_votes`` (em_caps 1.01x / 1.05x; interleaved A/B, two runs).
 
 The kernels are compiled with the parents' dimension (G) dynamic and N, D static (one compiled loop per layer
 shape, whatever the batch or block), on first use in a process (seconds; Inductor caches them on disk). A

@@ -30,9 +30,9 @@ import math
 import torch
 
 from capsnets.nn.routing.base import RoutingTrace, VoteFactors, Votes, register_routing
-from capsnets.nn.routing.em_fused import STATS, PoseSum, spread_about
+from capsnets.nn.routing.em_fused import STATS, PoseSum, parent_weights, spread_about
 from capsnets.nn.routing.kernels import KernelMode, vote_kernels
-from capsnets.nn.routing.layout import ChildLayout
+from capsnets.nn.routing.layout import ChildLayout, normalise_over_parents
 from capsnets.nn.routing.vb import VBRouting, expected_logs, vb_activation_logits
 from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum
 
@@ -80,10 +80,9 @@ def fused_vb_iterations(
     for t in range(iterations):
         m_tokens = (*plain[6 * t : 6 * t + 4], *scaled[4 * t : 4 * t + 2])
         # q(pi, mu, Lambda): R_ij <- R_ij a_i, R_j = sum_i R_ij, and the weighted mean and squared distances
-        Ra = R * a  # (B, P, T_out, K, T_in)
-        R_j = Ra.sum(dim=(3, 4))  # (B, P, T_out)
-        w = (Ra / (R_j[..., None, None] + eps)).reshape(g, k * t_in).to(dtype)  # (G, N)
-        mass = (R_j / (R_j + eps))[..., None]  # sum_i w_i: 1, or 0 for a parent without data, (B, P, T_out, 1)
+        # w (G, N) in the votes' dtype; R_j (B, P, T_out); mass = sum_i w_i (B, P, T_out, 1): 1, or 0 for a parent
+        # without data (EM's M-step weights)
+        w, R_j, mass = kernels.stats("parent_weights", parent_weights, R, a, eps, dtype)
         E_U = VoteSum.apply(U, *m_tokens[0:2], w, kernels).to(STATS).view(b, p, t_out, d)
         mu_bar = mass * c0 + E_U  # sum_i R_ij V_ij / (R_j + eps), (B, P, T_out, D)
         # S_j = sum_i R_ij (V_ij - mu_bar_j)^2 = (R_j + eps) sum_i w_i (V_ij - mu_bar_j)^2: EM's second pass
@@ -107,15 +106,37 @@ def fused_vb_iterations(
         delta_m = m - c0 - c_ms  # m's gradient
         f1, f2 = (-2.0 * delta_m * psi).view(g, d), psi.view(g, d)
         quad_u = PoseSum.apply(U, c_m, *e_tokens, f1.to(dtype), f2.to(dtype), kernels).view(b, p, t_out, k, t_in)
-        per_parent = ((2 * c_ms + delta_m) * delta_m * psi).sum(dim=-1)  # (B, P, T_out)
-        e_ln_pi, e_ln_lambda = expected_logs(q)  # (B, P, T_out)
-        # ln rho = E[ln pi] + E[ln |Lambda|] / 2 - D/2 ln 2 pi - (D / kappa + nu (quad_u + per_parent)) / 2
-        constant = e_ln_pi + 0.5 * e_ln_lambda - 0.5 * d * math.log(2 * math.pi) - 0.5 * (d / kappa + nu * per_parent)
-        ln_rho = torch.addcmul(constant[..., None, None], nu[..., None, None], quad_u, value=-0.5)  # in STATS
-        # normalised over each child's parents in the routing layout (a permuted view: no copy)
-        R = layout.softmax(ln_rho.permute(0, 1, 3, 4, 2), over=normalisation).permute(0, 1, 4, 2, 3)
+        args = (quad_u, c_ms, delta_m, psi, alpha, kappa, nu, inv_psi, layout.child_index, layout.num_children)
+        R = kernels.stats("vb_assignments", vb_assignments, *args, normalisation)
     logits = vb_activation_logits(q, beta_u=beta_u, beta_a=beta_a)
     return q["m"], logits, R.permute(0, 1, 3, 4, 2)
+
+
+def vb_assignments(
+    quad_u: torch.Tensor,
+    c_m: torch.Tensor,
+    delta_m: torch.Tensor,
+    psi: torch.Tensor,
+    alpha: torch.Tensor,
+    kappa: torch.Tensor,
+    nu: torch.Tensor,
+    inv_psi: torch.Tensor,
+    child_index: torch.Tensor | None,
+    num_children: int | None,
+    normalisation: str,
+) -> torch.Tensor:
+    """The update of q(R), R (B, P, T_out, K, T_in), from ``quad_u = sum_h (U - c_m)^2 Psi + U (-2 delta_m Psi)``
+    (B, P, T_out, K, T_in) and the posterior's parameters (B, P, T_out, D) or (B, P, T_out), normalised over each
+    child's parents in the layout ``child_index`` (module docstring)."""
+    d = psi.shape[-1]
+    per_parent = ((2 * c_m + delta_m) * delta_m * psi).sum(dim=-1)  # (B, P, T_out)
+    e_ln_pi, e_ln_lambda = expected_logs({"alpha": alpha, "nu": nu, "inv_psi": inv_psi})  # (B, P, T_out)
+    # ln rho = E[ln pi] + E[ln |Lambda|] / 2 - D/2 ln 2 pi - (D / kappa + nu (quad_u + per_parent)) / 2
+    constant = e_ln_pi + 0.5 * e_ln_lambda - 0.5 * d * math.log(2 * math.pi) - 0.5 * (d / kappa + nu * per_parent)
+    ln_rho = torch.addcmul(constant[..., None, None], nu[..., None, None], quad_u, value=-0.5)  # in STATS
+    # normalised over each child's parents in the routing layout (a permuted view: no copy)
+    R = normalise_over_parents(ln_rho.permute(0, 1, 3, 4, 2), child_index, num_children, normalisation)
+    return R.permute(0, 1, 4, 2, 3)
 
 
 @register_routing("vb", kinds=("matrix",), impl="fused", default=True)
