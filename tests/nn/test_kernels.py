@@ -126,7 +126,7 @@ def test_factor_votes_compiled_equals_eager_and_the_votes(kron, offset, centre, 
     compiled = COMPILED.factor_votes(pose, weight, shift, centre, dtype)
     assert_close(compiled, eager, rtol)
     assert compiled[0].is_contiguous()  # the parents' layout, which FactorVotes views as (G, N, D)
-    # a batch of another size runs the same compiled loop (the positions are dynamic)
+    # fewer positions (a partial batch: compiled with the positions dynamic) give the same values
     assert_close(COMPILED.factor_votes(pose[:20], weight, shift, centre, dtype), [x[:20] for x in eager], rtol)
     assert not kernels._FAILED
 

@@ -101,9 +101,8 @@ class EagerKernels:
         """The votes ``V = pose @ weight (+ offset)`` in the parents' layout, centred on each parent's plain mean c0
         if ``centre``: U = V - c0 (n, T_out, K, T_in, D) and c0 (n, T_out, 1, 1, D) (zeros if not ``centre``), in
         ``dtype``. pose (n, K, T_in, C) for n (image, position) pairs, weight (K, T_in, T_out, C, D), offset (K, D)
-        or None. Here: one batched product over
-        the (K, T_in) slots per block of :data:`FACTOR_BLOCKS` x :func:`chunk_elements`, centred and laid out
-        while in cache."""
+        or None. Here: one batched product over the (K, T_in) slots per block of :data:`FACTOR_BLOCKS` x
+        :func:`chunk_elements` elements, centred and laid out while in cache."""
         n, k, t_in, c = pose.shape
         t_out, d = weight.shape[2], weight.shape[4]
         weight_b = weight.to(dtype).permute(0, 1, 3, 2, 4).reshape(k * t_in, c, t_out * d)  # (K * T_in, C, T_out * D)

@@ -107,12 +107,12 @@ def fused_vb_iterations(
         f1, f2 = (-2.0 * delta_m * psi).view(g, d), psi.view(g, d)
         quad_u = PoseSum.apply(U, c_m, *e_tokens, f1.to(dtype), f2.to(dtype), kernels).view(b, p, t_out, k, t_in)
         args = (quad_u, c_ms, delta_m, psi, alpha, kappa, nu, inv_psi, layout.child_index, layout.num_children)
-        R = kernels.stats("vb_assignments", vb_assignments, *args, normalisation)
+        R = kernels.stats("vb_assignments", fused_assignments, *args, normalisation)
     logits = vb_activation_logits(q, beta_u=beta_u, beta_a=beta_a)
     return q["m"], logits, R.permute(0, 1, 3, 4, 2)
 
 
-def vb_assignments(
+def fused_assignments(
     quad_u: torch.Tensor,
     c_m: torch.Tensor,
     delta_m: torch.Tensor,
