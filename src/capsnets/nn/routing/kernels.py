@@ -12,10 +12,10 @@ EM and VB routings' per-parent and per-assignment statistics between those passe
 gather and scatter passes over the assignments R, in float64, forward and backward) are compiled too, with their
 backward pass (:meth:`CompiledKernels.stats`). A whole training step (``scripts/bench.py --compare
 model.routing.kernels=eager``, same run, batch 32, smallNORB shapes): em_caps_small 1.48x (float32) / 1.50x (bf16
-autocast), em_caps 1.75x / 1.54x. So, since, is forming the votes from their factors (``factor_votes``: each vote
-computed in the loop that writes it, centred on each parent's mean taken from the factors by one matrix product):
-em_caps_small's ConvCaps1 18 against 32 ms eager; a training step 1.02x / 1.09x faster than with eager
-``factor_votes`` (em_caps 1.01x / 1.05x; interleaved A/B, two runs).
+autocast), em_caps 1.75x / 1.54x. Since then the votes are formed from their factors by a compiled loop too
+(``factor_votes``: each vote computed where it is written, centred on each parent's mean taken from the factors by
+one matrix product): em_caps_small's ConvCaps1 18 against 32 ms eager; a training step 1.02x / 1.09x faster than
+with eager ``factor_votes`` (em_caps 1.01x / 1.05x; interleaved A/B, two runs).
 
 The kernels are compiled with the parents' dimension (G) dynamic and N, D static (one compiled loop per layer
 shape, whatever the batch or block), on first use in a process (seconds; Inductor caches them on disk). A
