@@ -101,7 +101,7 @@ class ConvCapsules(nn.Module):
             M = pose.to(dtype).reshape(b, h * w, t_in, POSE_SIZE).index_select(1, child_index)
             M = M.view(b, h_out * w_out, kk, t_in, POSE_SIZE)
             a_in = a.to(dtype).reshape(b, h * w, t_in).index_select(1, child_index).view(b, h_out * w_out, kk, t_in)
-            # the votes (B, P, K*K, T_in, T_out, 16) by their factors: formed by the routing (fused EM: block by block)
+            # the votes (B, P, K*K, T_in, T_out, 16) by their factors: formed by the routing (fused EM: straight into U)
             V = VoteFactors(M, vote_weight(self.weight.to(dtype), pose_kind=self.pose))
             result = self.routing(V, a_in, ChildLayout(child_index, h * w))
         mu = result.poses.view(

@@ -10,7 +10,8 @@ N = K * T_in votes: G = B * P * T_out parents, votes laid out (G, N, D), R as (B
 plain mean of each parent's votes (a constant: it only keeps ``U`` small, so that float32 sums of
 ``U`` lose digits relative to the spread of the votes, not to their size). A matrix-capsule layer hands
 over the votes by their factors (:class:`~capsnets.nn.routing.VoteFactors`, child poses and transforms):
-each block of votes is then formed, centred and laid out at once, and the votes never exist whole.
+the votes are then formed straight into U, centred and laid out at once (``factor_votes`` of the kernels: eager
+block by block, compiled in one loop), and V never exists besides U.
 
 **M-step, in two passes** (``w_i = R_ij a_i / sum_i R_ij a_i``, summing to ``m``: 1, or 0 for a
 parent without data):
@@ -258,8 +259,8 @@ def fused_em_routing(
     """Procedure 1: ``len(lambdas)`` iterations of M-step (every parent) then E-step (every child).
 
     Args as :func:`capsnets.nn.routing.em.em_routing`; V (B, P, K, T_in, T_out, D) in any strides, or its
-    :class:`~capsnets.nn.routing.VoteFactors` (formed block by block, never whole); ``moment_dtype`` the dtype of
-    the vote-sized tensors (outputs are returned in it); ``kernels`` how the passes over the votes run
+    :class:`~capsnets.nn.routing.VoteFactors` (formed straight into U, never whole besides it); ``moment_dtype`` the
+    dtype of the vote-sized tensors (outputs are returned in it); ``kernels`` how the passes over the votes run
     (:func:`~capsnets.nn.routing.kernels.vote_kernels`: ``auto``, ``eager`` or ``compiled``). Runs with autocast off
     (as every routing does, :class:`~capsnets.nn.routing.base.Routing`), also when called directly.
     """
@@ -333,7 +334,7 @@ def fused_em_routing(
 @register_routing("em", kinds=("matrix",), impl="fused", default=True)
 class FusedEMRouting(EMRoutingBase):
     """EM routing, the fast implementation (``impl: fused``): the same settings and results as ``impl: reference``;
-    forms the votes itself, block by block, when a layer hands over their factors."""
+    forms the votes itself, straight into its centred copy, when a layer hands over their factors."""
 
     takes_vote_factors = True
 

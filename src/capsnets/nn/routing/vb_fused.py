@@ -4,7 +4,7 @@ passes over the votes as possible.
 The same mathematics as the readable ``impl: reference`` (tests assert equal values and gradients), organised like
 the fused EM routing (:mod:`capsnets.nn.routing.em_fused`), whose vote-sized passes it shares: VB's vote-sized work
 is EM's. With ``U = V - c0`` (G, N, D), the votes copied once into the parents' layout and centred on each parent's
-plain mean ``c0`` (formed block by block from the layer's :class:`~capsnets.nn.routing.VoteFactors`), and
+plain mean ``c0`` (formed straight into U from the layer's :class:`~capsnets.nn.routing.VoteFactors`), and
 ``w_i = R_ij a_i / (R_j + eps)``:
 
 * **q(pi, mu, Lambda)** needs per parent ``R_j``, the weighted mean ``mu_bar_j = sum_i R_ij V_ij / R_j`` and
@@ -142,7 +142,7 @@ def fused_assignments(
 @register_routing("vb", kinds=("matrix",), impl="fused", default=True)
 class FusedVBRouting(VBRouting):
     """Variational Bayes routing, the fast implementation (``impl: fused``): the same settings and results as
-    ``impl: reference``; forms the votes itself, block by block, when a layer hands over their factors."""
+    ``impl: reference``; forms the votes itself, straight into U, when a layer hands over their factors."""
 
     takes_vote_factors = True
 
