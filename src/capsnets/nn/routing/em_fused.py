@@ -59,23 +59,31 @@ from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum, f
 STATS = torch.float64  # the per-parent statistics' dtype
 
 
-class SquareSum(torch.autograd.Function):
-    """M-step second moment ``S[g] = sum_n w[g, n] Q[g, n]`` with ``Q = (U - c)^2`` (c a constant): (G, N) -> (G, D);
-    one plain and one scaled token pair (``dL/dU = 2 (U - c) * (w x dS)``). Q is never kept: the kernels form it
-    where it is read (eager: block by block), in the forward and again in the backward pass."""
+class Moments(torch.autograd.Function):
+    """An M-step's two sums over each parent's votes, ``E_U[g] = sum_n w[g, n] U[g, n]`` and ``E_Q[g] = sum_n w[g, n]
+    (U[g, n] - c[g])^2`` about a constant centre c near the weighted mean, which the kernels choose and return:
+    (G, N) -> (G, D) x 2 in float64 and c (G, D) in U's dtype (eager: two passes, the mean then the squares; compiled:
+    one, in float64 about ``shift``, a guess of the mean). One plain and one scaled token pair (``dL/dU = w x (dE_U -
+    2 c dE_Q) + U * (w x 2 dE_Q)``); the gradient for w, ``sum_h U dE_U + (U - c)^2 dE_Q``, is one more pass (the
+    E-step's contraction)."""
 
     @staticmethod
-    def forward(ctx, U, c, plain_n, plain_d, scaled_n, scaled_d, w, kernels: EagerKernels = EAGER):  # type: ignore[override]
+    def forward(ctx, U, plain_n, plain_d, scaled_n, scaled_d, w, shift, kernels: EagerKernels = EAGER):  # type: ignore[override]
+        E_U, E_Q, c = kernels.moments(U, w, shift)
+        if c.data_ptr() == E_U.data_ptr():  # float64 votes: E_U rounded is E_U itself; c must not share its grad
+            c = c.clone()
         ctx.save_for_backward(U, c, w)
         ctx.kernels = kernels
-        return kernels.square_sum(U, c, w)
+        ctx.mark_non_differentiable(c)
+        return E_U, E_Q, c
 
     @staticmethod
     @first_order_only
-    def backward(ctx, dS):  # type: ignore[override]
+    def backward(ctx, dE_U, dE_Q, _dc):  # type: ignore[override]
         U, c, w = ctx.saved_tensors
-        dw = ctx.kernels.square_dot(U, c, dS) if ctx.needs_input_grad[6] else None
-        return None, None, w, -2.0 * c * dS, w, 2.0 * dS, dw, None
+        right = (dE_U - 2.0 * c.to(dE_Q.dtype) * dE_Q).to(U.dtype)
+        dw = ctx.kernels.pose_sum(U, c, dE_U.to(U.dtype), dE_Q.to(U.dtype)) if ctx.needs_input_grad[5] else None
+        return None, w, right, w, (2.0 * dE_Q).to(U.dtype), dw, None, None
 
 
 class PoseSum(torch.autograd.Function):
@@ -109,30 +117,12 @@ class PoseSum(torch.autograd.Function):
         )
 
 
-def spread_about(
-    mu: torch.Tensor,
-    U: torch.Tensor,
-    c0: torch.Tensor,
-    E_U: torch.Tensor,
-    mass: torch.Tensor,
-    tokens: Sequence[torch.Tensor],
-    w: torch.Tensor,
-    kernels: EagerKernels = EAGER,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``sum_i w_i (V_i - mu)^2`` per parent in one pass over U = V - c0 (the M-step's pass 2, module docstring).
-
-    mu, c0, E_U = sum_i w_i U_i (B, P, T_out, D) and mass = sum_i w_i (B, P, T_out, 1) in STATS; ``tokens``: a plain
-    and a scaled pair from ``ParentVotes``; w (G, N). ``Q = (U - c)^2`` is formed around c, mu - c0 rounded to U's
-    dtype (a constant), block by block (its gradient reaches U through SquareSum's tokens); with
-    ``delta = mu - c0 - c`` (rounding-sized in value, mu's gradient) the spread is
-    ``E[Q] - 2 delta E[U - c] + m delta^2``, exact for any constant c. Returns the spread (B, P, T_out, D), c (G, D)
-    and delta.
-    """
-    c = (mu - c0).detach().to(U.dtype).view(-1, mu.shape[-1])  # (G, D)
-    c_s = c.to(STATS).view_as(mu)
-    E_Q = SquareSum.apply(U, c, *tokens, w, kernels).to(STATS).view_as(mu)
-    delta = mu - c0 - c_s
-    return E_Q - 2 * delta * (E_U - mass * c_s) + mass * delta**2, c, delta
+def spread(E_U: torch.Tensor, E_Q: torch.Tensor, c: torch.Tensor, mean: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i (U_i - mean)^2`` per parent from :class:`Moments`' sums about c (all in STATS, (..., D); mass = sum_i
+    w_i (..., 1)): ``E_Q - 2 delta (E_U - m c) + m delta^2`` with ``delta = mean - c``, exact for any constant c; with
+    c near the mean nothing cancels (module docstring)."""
+    delta = mean - c
+    return E_Q - 2 * delta * (E_U - mass * c) + mass * delta**2
 
 
 def parent_weights(
@@ -162,30 +152,51 @@ def m_step(
     eps: float,
     variant: EMVariant = PAPER,
     mu_previous: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
     kernels: EagerKernels = EAGER,
 ) -> tuple[torch.Tensor, ...]:
-    """M-step for every parent j in two passes over the votes U = V - c0 (module docstring).
+    """M-step for every parent from the sums of one pass over the votes U = V - c0 (module docstring).
 
-    ``tokens``: three pairs from ``ParentVotes`` (plain for the mean, plain and scaled for the second moment).
-    ``mu_previous``: the previous iteration's mean, for the release's mean smoothing. Returns mu, sigma_sq
-    (B, P, T_out, D), the logits of a_out (B, P, T_out), and for the E-step the centre c (G, D) of
-    ``Q = (U - c)^2`` and ``mu - c0 - c`` (B, P, T_out, D).
+    ``tokens``: a plain and a scaled pair from ``ParentVotes``. ``mu_previous``: the previous iteration's mean, for
+    the release's mean smoothing. ``shift`` (G, D): a guess of mu - c0 in U's dtype (the previous iteration's c;
+    default 0, the plain mean). Returns mu, sigma_sq (B, P, T_out, D), the logits of a_out (B, P, T_out), and for
+    the E-step the centre c (G, D) of ``Q = (U - c)^2`` and ``mu - c0 - c`` (B, P, T_out, D).
     """
-    b, p, t_out = R.shape[:3]
-    d = U.shape[-1]
     w, sum_R, mass = kernels.stats("parent_weights", parent_weights, R, a_in, eps, U.dtype)
-    # pass 1: E[U] = sum_i w_i U_i, mu = m c0 + E[U] (line 3), smoothed as the variant asks
-    E_U = VoteSum.apply(U, *tokens[0:2], w, kernels).to(STATS).view(b, p, t_out, d)
-    c0 = c0.view(b, p, t_out, d)
-    mu = smoothed_mean(mass * c0 + E_U, mu_previous, variant)
-    # pass 2, line 4: the weighted squared distances from mu
-    sigma_sq, c, delta = spread_about(mu, U, c0, E_U, mass, tokens[2:6], w, kernels)
+    shift = shift if shift is not None else U.new_zeros(U.shape[0], U.shape[2])  # contiguous: one compiled loop
+    E_U, E_Q, c = Moments.apply(U, *tokens, w, shift, kernels)  # lines 3-4's sums, (G, D)
+    stats = (E_U, E_Q, c, c0, mass, sum_R, mu_previous, beta_u, beta_a)
+    return kernels.stats("parent_statistics", parent_statistics, *stats, lambda_, var_floor, variant)
+
+
+def parent_statistics(
+    E_U: torch.Tensor,
+    E_Q: torch.Tensor,
+    c: torch.Tensor,
+    c0: torch.Tensor,
+    mass: torch.Tensor,
+    sum_R: torch.Tensor,
+    mu_previous: torch.Tensor | None,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    lambda_: float,
+    var_floor: float,
+    variant: EMVariant,
+) -> tuple[torch.Tensor, ...]:
+    """Lines 3-6 of the M-step from :class:`Moments`' sums E_U, E_Q about c (G, D), and c0 (G, D), mass (B, P, T_out,
+    1), sum_R (B, P, T_out): returns what :func:`m_step` returns."""
+    shape = (*sum_R.shape, c0.shape[-1])  # (B, P, T_out, D)
+    E_U, E_Q, c0, c_s = (x.to(STATS).view(shape) for x in (E_U, E_Q, c0, c))
+    mu = smoothed_mean(mass * c0 + E_U, mu_previous, variant)  # line 3, smoothed as the variant asks
+    sigma_sq = spread(E_U, E_Q, c_s, mu - c0, mass)  # line 4: the weighted squared distances from mu
     # straight-through clamp: rounding can land a zero variance (a parent with one child) just below 0; the
     # forward pass clamps it, the backward pass keeps the true gradient (a plain clamp would zero the
     # gradient with respect to every other child's activation there)
     sigma_sq = sigma_sq + (sigma_sq.clamp_min(0) - sigma_sq).detach() + var_floor
     logits = activation_logits(sigma_sq, sum_R, beta_u=beta_u, beta_a=beta_a, lambda_=lambda_, variant=variant)
-    return mu, sigma_sq, logits, c, delta
+    # the E-step's centre: mu - c0 rounded to U's dtype (a constant), and what rounding left (mu's gradient)
+    c_e = (mu - c0).detach().to(c.dtype)
+    return mu, sigma_sq, logits, c_e.view_as(c), mu - c0 - c_e.to(STATS)
 
 
 def e_step(
@@ -285,9 +296,9 @@ def fused_em_routing(
     b, p, k, t_in, t_out, d = V.shape
     iterations = len(lambdas)
     a_in, beta_u, beta_a = (x.to(STATS) for x in (a_in, beta_u, beta_a))
-    # token pairs: per M-step 1 plain (mean) + 1 plain and 1 scaled (second moment); per E-step 1 + 1
+    # token pairs: per M-step and per E-step a plain and a scaled one
     uses = (
-        2 * iterations + (iterations - 1),
+        2 * iterations - 1,
         2 * iterations - 1,
         moment_dtype,
         True,
@@ -299,12 +310,12 @@ def fused_em_routing(
     else:
         U, c0, *tokens = ParentVotes.apply(V, *uses)
     c0 = c0.to(STATS)  # (G, D)
-    plain, scaled = tokens[: 2 * (3 * iterations - 1)], tokens[2 * (3 * iterations - 1) :]
+    plain, scaled = tokens[: 2 * (2 * iterations - 1)], tokens[2 * (2 * iterations - 1) :]
     a_in = a_in[:, :, None]  # (B, P, 1, K, T_in), broadcast over R's T_out
     R = layout.initial(torch.Size((b, p, k, t_in, t_out)), like=a_in, over=normalisation).permute(0, 1, 4, 2, 3)
-    mu = None
+    mu = c = None
     for t, lambda_ in enumerate(lambdas):
-        m_tokens = (*plain[6 * t : 6 * t + 4], *scaled[4 * t : 4 * t + 2])
+        m_tokens = (*plain[4 * t : 4 * t + 2], *scaled[4 * t : 4 * t + 2])
         mu, sigma_sq, logits, c, delta = m_step(
             R,
             a_in,
@@ -318,12 +329,13 @@ def fused_em_routing(
             eps=eps,
             variant=variant,
             mu_previous=mu,
+            shift=c,
             kernels=kernels,
         )
         if trace is not None:
             trace.record(R.permute(0, 1, 3, 4, 2), torch.sigmoid(logits))  # R as (B, P, K, T_in, T_out)
         if t < iterations - 1:
-            e_tokens = (*plain[6 * t + 4 : 6 * t + 6], *scaled[4 * t + 2 : 4 * t + 4])
+            e_tokens = (*plain[4 * t + 2 : 4 * t + 4], *scaled[4 * t + 2 : 4 * t + 4])
             R = e_step(U, c, e_tokens, delta, sigma_sq, logits, layout, normalisation, k, kernels)
             if variant.detach_assignments:
                 R = R.detach()

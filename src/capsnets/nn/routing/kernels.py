@@ -122,6 +122,16 @@ class EagerKernels:
                 U[ps].copy_(block)
         return U, c0
 
+    def moments(
+        self, U: torch.Tensor, w: torch.Tensor, shift: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An M-step's two sums, ``E_U = sum_n w[g, n] U[g, n]`` and ``E_Q = sum_n w[g, n] (U[g, n] - c[g])^2`` about
+        ``c``, E_U rounded to U's dtype (each parent's weighted mean where its w sums to 1): (G, N) -> (G, D) x 2 in
+        float64, and c (G, D) in U's dtype. ``shift`` (G, D): a guess of the mean (a previous iteration's), for a
+        kernel that sums in one pass. Here in two passes: the mean, then the squared distances from it."""
+        c = self.vote_sum(U, w)
+        return c.to(torch.float64), self.square_sum(U, c, w).to(torch.float64), c
+
     def vote_sum(self, U: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``sum_n w[g, n] U[g, n]``: (G, N) -> (G, D)."""
         return torch.bmm(w.unsqueeze(1), U).squeeze(1)
@@ -136,13 +146,6 @@ class EagerKernels:
         for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):
             torch.bmm(w[rows, None], squares(U, c, rows), out=S[rows])  # (g, 1, N) @ (g, N, D)
         return S.squeeze(1)
-
-    def square_dot(self, U: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``sum_h (U[g, n, h] - c[g, h])^2 x[g, h]``: (G, D) -> (G, N)."""
-        out = U.new_empty(U.shape[0], 1, U.shape[1])
-        for rows in parent_chunks(U.shape[0], U[0].numel(), U.device):  # (g, 1, D) @ (g, D, N)
-            torch.bmm(x[rows, None], squares(U, c, rows).transpose(1, 2), out=out[rows])
-        return out.squeeze(1)
 
     def pose_sum(self, U: torch.Tensor, c: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         """``sum_h U[g, n, h] f1[g, h] + (U[g, n, h] - c[g, h])^2 f2[g, h]``: (G, D) x 2 -> (G, N)."""
@@ -222,20 +225,27 @@ def _factor_votes(pose, weight, offset, centre, dtype):
     return (V - c0).contiguous(), c0
 
 
+def _moments(U, w, shift):
+    # one pass: with X = U - shift, sum w, sum w X and sum w X^2 accumulated in float64 (the square of a difference of
+    # two float32 numbers is exact there), then the squared distances from the rounded mean c by algebra,
+    # E_Q = S2 - 2 (c - shift) S1 + S0 (c - shift)^2, which cancels float64's digits only: ~1e-16 N ((mean - shift) /
+    # sigma)^2 of the variance
+    w64, shift64 = w.to(torch.float64)[:, :, None], shift.to(torch.float64)
+    X = U.to(torch.float64) - shift64[:, None, :]
+    wX = w64 * X
+    S1, S2, S0 = wX.sum(1), (wX * X).sum(1), w64.sum(1)
+    E_U = S1 + S0 * shift64
+    c = E_U.to(U.dtype)
+    m = c.to(torch.float64) - shift64
+    return E_U, S2 - m * (2 * S1 - S0 * m), c
+
+
 def _vote_sum(U, w):
     return (w[:, :, None] * U).sum(1)
 
 
 def _vote_dot(U, x):
     return (U * x[:, None, :]).sum(2)
-
-
-def _square_sum(U, c, w):
-    return (w[:, :, None] * (U - c[:, None, :]).square()).sum(1)
-
-
-def _square_dot(U, c, x):
-    return ((U - c[:, None, :]).square() * x[:, None, :]).sum(2)
 
 
 def _pose_sum(U, c, f1, f2):
@@ -343,17 +353,14 @@ class CompiledKernels(EagerKernels):
         args = (pose, weight, offset, centre, dtype)
         return self._run("factor_votes", _factor_votes, args, dynamic=[pose])  # the whole of U in one loop
 
+    def moments(self, U, w, shift):
+        return self._run("moments", _moments, (U, w, shift))  # one pass over U
+
     def vote_sum(self, U, w):
         return self._run("vote_sum", _vote_sum, (U, w))
 
     def vote_dot(self, U, x):
         return self._run("vote_dot", _vote_dot, (U, x))
-
-    def square_sum(self, U, c, w):
-        return self._run("square_sum", _square_sum, (U, c, w))
-
-    def square_dot(self, U, c, x):
-        return self._run("square_dot", _square_dot, (U, c, x))
 
     def pose_sum(self, U, c, f1, f2):
         return self._run("pose_sum", _pose_sum, (U, c, f1, f2))

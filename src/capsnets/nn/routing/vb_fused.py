@@ -30,11 +30,11 @@ import math
 import torch
 
 from capsnets.nn.routing.base import RoutingTrace, VoteFactors, Votes, register_routing
-from capsnets.nn.routing.em_fused import STATS, PoseSum, parent_weights, spread_about
+from capsnets.nn.routing.em_fused import STATS, Moments, PoseSum, parent_weights, spread
 from capsnets.nn.routing.kernels import KernelMode, vote_kernels
 from capsnets.nn.routing.layout import ChildLayout, normalise_over_parents
 from capsnets.nn.routing.vb import VBRouting, expected_logs, vb_activation_logits
-from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum
+from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes
 
 
 def fused_vb_iterations(
@@ -62,15 +62,15 @@ def fused_vb_iterations(
     g = b * p * t_out  # parents
     alpha0, kappa0, nu0, psi0, m0 = (priors[key] for key in ("alpha0", "kappa0", "nu0", "psi0", "m0"))
     dtype = V.dtype  # the vote-sized tensors'
-    # token pairs as the fused EM routing's: per update of q(pi, mu, Lambda) a plain pair for the mean, a plain and a
-    # scaled one for the squared distances; per update of q(R) a plain and a scaled one
+    # token pairs as the fused EM routing's: per update of q(pi, mu, Lambda) and per update of q(R) a plain and a
+    # scaled one
     kernels = vote_kernels(kernels, a_in.device)  # how the passes over the votes run
-    uses = (3 * iterations - 1, 2 * iterations - 1, dtype, True, kernels)
+    uses = (2 * iterations - 1, 2 * iterations - 1, dtype, True, kernels)
     if isinstance(V, VoteFactors):
         U, c0, *tokens = FactorVotes.apply(V.pose, V.weight, V.offset, *uses)
     else:
         U, c0, *tokens = ParentVotes.apply(V, *uses)
-    plain, scaled = tokens[: 2 * (3 * iterations - 1)], tokens[2 * (3 * iterations - 1) :]
+    plain, scaled = tokens[: 2 * (2 * iterations - 1)], tokens[2 * (2 * iterations - 1) :]
     c0 = c0.to(STATS).view(b, p, t_out, d)
     a = a_in.to(STATS)[:, :, None]  # (B, P, 1, K, T_in), broadcast over T_out
     beta_u, beta_a = beta_u.to(STATS), beta_a.to(STATS)
@@ -78,16 +78,17 @@ def fused_vb_iterations(
     R = layout.softmax(a.new_zeros((1, p, k, t_in, t_out)), over=normalisation).expand(b, p, k, t_in, t_out)
     R = R.permute(0, 1, 4, 2, 3)
     for t in range(iterations):
-        m_tokens = (*plain[6 * t : 6 * t + 4], *scaled[4 * t : 4 * t + 2])
+        m_tokens = (*plain[4 * t : 4 * t + 2], *scaled[4 * t : 4 * t + 2])
         # q(pi, mu, Lambda): R_ij <- R_ij a_i, R_j = sum_i R_ij, and the weighted mean and squared distances
         # w (G, N) in the votes' dtype; R_j (B, P, T_out); mass = sum_i w_i (B, P, T_out, 1): 1, or 0 for a parent
         # without data (EM's M-step weights)
         w, R_j, mass = kernels.stats("parent_weights", parent_weights, R, a, eps, dtype)
-        E_U = VoteSum.apply(U, *m_tokens[0:2], w, kernels).to(STATS).view(b, p, t_out, d)
+        # EM's sums, in one pass about the last centre where the kernels sum in one pass (0: the plain mean)
+        shift = c_m if t > 0 else U.new_zeros(g, d)
+        E_U, E_Q, c = (x.view(b, p, t_out, d) for x in Moments.apply(U, *m_tokens, w, shift, kernels))
         mu_bar = mass * c0 + E_U  # sum_i R_ij V_ij / (R_j + eps), (B, P, T_out, D)
-        # S_j = sum_i R_ij (V_ij - mu_bar_j)^2 = (R_j + eps) sum_i w_i (V_ij - mu_bar_j)^2: EM's second pass
-        spread, _, _ = spread_about(mu_bar, U, c0, E_U, mass, m_tokens[2:6], w, kernels)
-        S = (R_j[..., None] + eps) * spread
+        # S_j = sum_i R_ij (V_ij - mu_bar_j)^2 = (R_j + eps) sum_i w_i (V_ij - mu_bar_j)^2
+        S = (R_j[..., None] + eps) * spread(E_U, E_Q, c.to(STATS), mu_bar - c0, mass)
         alpha, kappa, nu = alpha0 + R_j, kappa0 + R_j, nu0 + R_j  # (B, P, T_out)
         m = (R_j[..., None] * mu_bar + kappa0 * m0) / kappa[..., None]  # (B, P, T_out, D)
         inv_psi = 1.0 / psi0 + S + (kappa0 * R_j / kappa)[..., None] * (mu_bar - m0) ** 2  # diag of Psi_j^-1
@@ -99,7 +100,7 @@ def fused_vb_iterations(
             trace.record(R.permute(0, 1, 3, 4, 2), torch.sigmoid(logits))  # R as (B, P, K, T_in, T_out)
         # q(R): sum_h (U - c_m - delta_m)^2 Psi_h around the posterior mean, Q formed around its rounding c_m (so
         # delta_m = m - c0 - c_m is rounding-sized and nothing cancels)
-        e_tokens = (*plain[6 * t + 4 : 6 * t + 6], *scaled[4 * t + 2 : 4 * t + 4])
+        e_tokens = (*plain[4 * t + 2 : 4 * t + 4], *scaled[4 * t + 2 : 4 * t + 4])
         psi = 1.0 / inv_psi  # (B, P, T_out, D)
         c_m = (m - c0).detach().to(dtype).view(g, d)
         c_ms = c_m.to(STATS).view(b, p, t_out, d)
