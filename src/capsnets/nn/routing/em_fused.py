@@ -54,7 +54,7 @@ from capsnets.nn.routing.base import RoutingResult, RoutingTrace, VoteFactors, V
 from capsnets.nn.routing.em import PAPER, EMRoutingBase, EMVariant, activation_logits, smoothed_mean
 from capsnets.nn.routing.kernels import EAGER, EagerKernels, KernelMode, vote_kernels
 from capsnets.nn.routing.layout import ChildLayout, normalise_over_parents
-from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, VoteSum, first_order_only
+from capsnets.nn.routing.vote_passes import FactorVotes, ParentVotes, first_order_only
 
 STATS = torch.float64  # the per-parent statistics' dtype
 
@@ -117,7 +117,9 @@ class PoseSum(torch.autograd.Function):
         )
 
 
-def spread(E_U: torch.Tensor, E_Q: torch.Tensor, c: torch.Tensor, mean: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+def spread(
+    E_U: torch.Tensor, E_Q: torch.Tensor, c: torch.Tensor, mean: torch.Tensor, mass: torch.Tensor
+) -> torch.Tensor:
     """``sum_i w_i (U_i - mean)^2`` per parent from :class:`Moments`' sums about c (all in STATS, (..., D); mass = sum_i
     w_i (..., 1)): ``E_Q - 2 delta (E_U - m c) + m delta^2`` with ``delta = mean - c``, exact for any constant c; with
     c near the mean nothing cancels (module docstring)."""
