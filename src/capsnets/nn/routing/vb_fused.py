@@ -77,15 +77,15 @@ def fused_vb_iterations(
     # uniform start, R_ij = 1 / |parents of i| under the normalisation, in the parents' layout (B, P, T_out, K, T_in)
     R = layout.softmax(a.new_zeros((1, p, k, t_in, t_out)), over=normalisation).expand(b, p, k, t_in, t_out)
     R = R.permute(0, 1, 4, 2, 3)
+    c_m = U.new_zeros(g, d)  # the centre of the squared distances, in U's coordinates: first the plain mean
     for t in range(iterations):
         m_tokens = (*plain[4 * t : 4 * t + 2], *scaled[4 * t : 4 * t + 2])
         # q(pi, mu, Lambda): R_ij <- R_ij a_i, R_j = sum_i R_ij, and the weighted mean and squared distances
         # w (G, N) in the votes' dtype; R_j (B, P, T_out); mass = sum_i w_i (B, P, T_out, 1): 1, or 0 for a parent
         # without data (EM's M-step weights)
         w, R_j, mass = kernels.stats("parent_weights", parent_weights, R, a, eps, dtype)
-        # EM's sums, in one pass about the last centre where the kernels sum in one pass (0: the plain mean)
-        shift = c_m if t > 0 else U.new_zeros(g, d)
-        E_U, E_Q, c = (x.view(b, p, t_out, d) for x in Moments.apply(U, *m_tokens, w, shift, kernels))
+        # EM's sums (where the kernels sum in one pass: about the last update's centre c_m)
+        E_U, E_Q, c = (x.view(b, p, t_out, d) for x in Moments.apply(U, *m_tokens, w, c_m, kernels))
         mu_bar = mass * c0 + E_U  # sum_i R_ij V_ij / (R_j + eps), (B, P, T_out, D)
         # S_j = sum_i R_ij (V_ij - mu_bar_j)^2 = (R_j + eps) sum_i w_i (V_ij - mu_bar_j)^2
         S = (R_j[..., None] + eps) * spread(E_U, E_Q, c.to(STATS), mu_bar - c0, mass)
