@@ -146,12 +146,16 @@ def test_factor_votes_compiled_equals_eager_and_the_votes(kron, offset, centre, 
     monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 3000)  # eager: blocks of a few positions, a partial last one
     eager = EAGER.factor_votes(pose, weight, shift, centre, dtype)
     assert_close(eager, ((V - c0).to(dtype), c0.to(dtype)), rtol)
-    compiled = COMPILED.factor_votes(pose, weight, shift, centre, dtype)
+    # kron: told that the weight is kron(I_4, W) (as the matrix-capsule layers tell it), compiled forms each element
+    # from W's 4 products
+    compiled = COMPILED.factor_votes(pose, weight, shift, centre, dtype, kron)
     assert_close(compiled, eager, rtol)
     assert compiled[0].is_contiguous()  # the parents' layout, which FactorVotes views as (G, N, D)
     # fewer positions (a partial batch: compiled with the positions dynamic) give the same values
-    assert_close(COMPILED.factor_votes(pose[:20], weight, shift, centre, dtype), [x[:20] for x in eager], rtol)
-    assert not kernels._FAILED
+    assert_close(COMPILED.factor_votes(pose[:20], weight, shift, centre, dtype, kron), [x[:20] for x in eager], rtol)
+    assert not kernels._FAILED and not COMPILED._untraceable
+    if kron:
+        assert "kron_votes" in COMPILED._compiled  # the 4-product loop ran compiled
 
 
 def em_inputs(conv: bool, factors: bool, seed: int = 0, kron: bool = False) -> tuple[dict, list[torch.Tensor]]:

@@ -164,3 +164,26 @@ def test_votes_keep_each_vote_contiguous(pose_kind):
     side = 4 if pose_kind == "matrix" else 16
     V = capsule_votes(torch.randn(2, 3, 5, 2, 16), torch.randn(5, 2, 3, side, side), pose_kind=pose_kind)
     assert V.shape == (2, 3, 5, 2, 3, 16) and V.stride(-1) == 1 and V.stride(-2) == 16
+
+
+@pytest.mark.parametrize("pose_kind", ["matrix", "vector"])
+def test_the_layers_hand_over_kron_transforms_only_as_matrix_poses(pose_kind, monkeypatch):
+    # VoteFactors.kron lets compiled kernels form each vote element from 4 products: a promise that the weight is
+    # kron(I_4, W), which only matrix poses keep (vector poses' 16x16 transforms are general)
+    from capsnets.nn.matrix_caps import vote_weight
+    from capsnets.nn.routing import kernels
+
+    seen = []
+    original = kernels.EagerKernels.factor_votes
+
+    def recording(self, pose, weight, offset, centre, dtype, kron=False):
+        seen.append((weight, kron))
+        return original(self, pose, weight, offset, centre, dtype, kron)
+
+    monkeypatch.setattr(kernels.EagerKernels, "factor_votes", recording)
+    conv, cls = conv_layer(4, 3, 3, 2, pose=pose_kind), class_layer(3, 5, pose=pose_kind)
+    conv(torch.randn(2, 7, 7, 4, 16), torch.rand(2, 7, 7, 4))
+    cls(torch.randn(2, 3, 3, 3, 16), torch.rand(2, 3, 3, 3))
+    assert [kron for _, kron in seen] == [pose_kind == "matrix"] * 2
+    for (weight, _), layer in zip(seen, (conv, cls)):  # kron(I_4, W) for matrix poses (the class layer's expanded)
+        assert torch.equal(weight, vote_weight(layer.weight, pose_kind=pose_kind).expand_as(weight))

@@ -116,12 +116,12 @@ class PoseCapsules(nn.Module):
             if h * w != self.weight.shape[0]:
                 raise ValueError(f"PoseCapsules built for {self.weight.shape[0]} input positions, got {h}x{w}.")
             M = pose.reshape(b, 1, h * w, t_in, POSE_SIZE)
-            return VoteFactors(M, vote_weight(self.weight)), ChildLayout()
+            return VoteFactors(M, vote_weight(self.weight), kron=True), ChildLayout()
         h_out, w_out = self.output_size(h), self.output_size(w)
         index = conv_child_index(h, w, kernel_size=self.kernel_size, stride=self.stride, device=pose.device)
         M = pose.reshape(b, h * w, t_in, POSE_SIZE).index_select(1, index)
         M = M.view(b, h_out * w_out, self.kernel_size**2, t_in, POSE_SIZE)  # (B, P, K*K, T_in, 16)
-        return VoteFactors(M, vote_weight(self.weight)), ChildLayout(index, h * w)
+        return VoteFactors(M, vote_weight(self.weight), kron=True), ChildLayout(index, h * w)
 
     def unflatten(self, pose: torch.Tensor, in_hw: tuple[int, int]) -> torch.Tensor:
         """(B, P, T_out, 16) parents -> (B, H_out, W_out, T_out, 16)."""

@@ -107,7 +107,7 @@ class ClassCapsules(nn.Module):
             offset = self.coordinate_scale * coordinate_offsets(
                 h, w, pose=self.pose, device=pose.device, dtype=pose.dtype
             )
-        return VoteFactors(M, W, offset)
+        return VoteFactors(M, W, offset, kron=self.pose == "matrix")
 
     def votes(self, pose: torch.Tensor) -> torch.Tensor:
         """Votes (B, H*W, T_in, K, 16) of poses (B, H, W, T_in, 16), with coordinates if switched on."""

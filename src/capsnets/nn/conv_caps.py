@@ -102,7 +102,7 @@ class ConvCapsules(nn.Module):
             M = M.view(b, h_out * w_out, kk, t_in, POSE_SIZE)
             a_in = a.to(dtype).reshape(b, h * w, t_in).index_select(1, child_index).view(b, h_out * w_out, kk, t_in)
             # the votes (B, P, K*K, T_in, T_out, 16) by their factors: formed by the routing (fused EM: straight into U)
-            V = VoteFactors(M, vote_weight(self.weight.to(dtype), pose_kind=self.pose))
+            V = VoteFactors(M, vote_weight(self.weight.to(dtype), pose_kind=self.pose), kron=self.pose == "matrix")
             result = self.routing(V, a_in, ChildLayout(child_index, h * w))
         mu = result.poses.view(
             b, h_out, w_out, self.out_types, POSE_SIZE

@@ -68,13 +68,16 @@ class VoteFactors:
     """Votes given by their factors, ``V[b, p, k, i, j] = pose[b, p, k, i] @ weight[k, i, j] + offset[k]``.
 
     pose (B, P, K, T_in, C), weight (K, T_in, T_out, C, D), offset (K, D) or None (class capsules' coordinate
-    addition: one offset per slot, i.e. per child position). ``materialise()`` is the votes tensor
-    (B, P, K, T_in, T_out, D), in the layout ``torch.einsum`` gives it (each vote's D elements contiguous).
+    addition: one offset per slot, i.e. per child position). ``kron``: weight is ``kron(I_4, W)`` of 4x4 matrices W
+    (matrix poses, C = D = 16: each vote element is then a sum of 4 products, not 16, which compiled kernels use;
+    a promise of the layer that builds the factors). ``materialise()`` is the votes tensor (B, P, K, T_in, T_out, D),
+    in the layout ``torch.einsum`` gives it (each vote's D elements contiguous).
     """
 
     pose: torch.Tensor
     weight: torch.Tensor
     offset: torch.Tensor | None = None
+    kron: bool = False
 
     @property
     def shape(self) -> torch.Size:
@@ -91,7 +94,7 @@ class VoteFactors:
 
     def to(self, dtype: torch.dtype) -> VoteFactors:
         offset = None if self.offset is None else self.offset.to(dtype)
-        return VoteFactors(self.pose.to(dtype), self.weight.to(dtype), offset)
+        return VoteFactors(self.pose.to(dtype), self.weight.to(dtype), offset, self.kron)
 
     def materialise(self) -> torch.Tensor:
         V = torch.einsum("bnkic,kijcd->bnkijd", self.pose, self.weight)  # (B, P, K, T_in, T_out, D)

@@ -13,20 +13,29 @@ over the votes by their factors (:class:`~capsnets.nn.routing.VoteFactors`, chil
 the votes are then formed straight into U, centred and laid out at once (``factor_votes`` of the kernels: eager
 block by block, compiled in one loop), and V never exists besides U.
 
-**M-step, in two passes** (``w_i = R_ij a_i / sum_i R_ij a_i``, summing to ``m``: 1, or 0 for a
-parent without data):
+**M-step: the weighted mean and squared distances of every parent's votes** (``w_i = R_ij a_i / sum_i R_ij
+a_i``, summing to ``m``: 1, or 0 for a parent without data), as two sums about a constant centre ``c``, the mean
+``E[U] = sum_i w_i U_i`` rounded to the votes' dtype (:class:`Moments`, the kernels' ``moments``):
 
-1. the mean ``E[U] = sum_i w_i U_i`` (one contraction of U), ``mu = c0 m + E[U]`` (smoothed as the
-   variant asks), rounded to the votes' dtype as a constant centre ``c``;
-2. the votes' squared distances from it, ``Q = (U - c)^2`` (formed block by block where it is read), and
-   ``sigma^2 = sum_i w_i (U_i - (mu - c0))^2 = E[Q] - 2 (mu - c0 - c) (E[U] - m c) + m (mu - c0 - c)^2``,
-   exact for any constant c; with c the rounded mean the last two terms are rounding-sized, so nothing
-   cancels: float32 votes give float32-accurate variances even for a tight cluster far from the plain
-   mean (centring once, on the plain mean, lost ``2^-24 ((mu - c0) / sigma)^2`` of the variance).
+- ``E[U]`` and ``E[Q] = sum_i w_i Q_i`` with ``Q = (U - c)^2``; eager kernels take them in two passes (the mean,
+  then the squares formed block by block where they are read); compiled kernels in one, accumulating ``sum w``,
+  ``sum w X`` and ``sum w X^2`` of ``X = U - shift`` in float64 (the square of a difference of two float32 numbers
+  is exact there) about ``shift``, the previous iteration's centre (the first iteration: 0, the plain mean), and
+  taking the centre's part off by algebra, which costs float64's digits only (~1e-16 N ((mean - shift) /
+  sigma)^2 of the variance);
+- then ``mu = c0 m + E[U]`` (smoothed as the variant asks) and
+  ``sigma^2 = sum_i w_i (U_i - (mu - c0))^2 = E[Q] - 2 (mu - c0 - c) (E[U] - m c) + m (mu - c0 - c)^2``,
+  exact for any constant c; with c the rounded mean the last two terms are rounding-sized (or the smoothing's
+  share of the mean's move), so nothing cancels: float32 votes give float32-accurate variances even for a tight
+  cluster far from the plain mean (centring once, on the plain mean, lost ``2^-24 ((mu - c0) / sigma)^2`` of the
+  variance). The per-parent arithmetic of lines 3-6 after the sums is one compiled function
+  (:func:`parent_statistics`); the E-step's centre is mu - c0 rounded.
 
 **E-step.** ``sum_h (V_h - mu_h)^2 / sigma_h^2 = sum_h Q_h / sigma_h^2 + sum_h U_h f_h + const`` with
 ``f = -2 (mu - c0 - c) / sigma^2``: two contractions (U with f, Q with ``1 / sigma^2``) and a per-parent
-constant; nothing vote-sized is formed per E-step.
+constant in one pass; nothing vote-sized is formed per E-step. The backward pass reads U once per use for the
+gradients of the small operands (the M-step's weights: one pass of the E-step's kind) and once for the vote
+gradient.
 
 Per-parent statistics (means, variances, activations, assignments: at most 1/D of the votes' size) are
 kept in float64 whatever ``moment_dtype`` is, so only the vote-sized tensors run in ``moment_dtype`` (float32
@@ -69,9 +78,7 @@ class Moments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, U, plain_n, plain_d, scaled_n, scaled_d, w, shift, kernels: EagerKernels = EAGER):  # type: ignore[override]
-        E_U, E_Q, c = kernels.moments(U, w, shift)
-        if c.data_ptr() == E_U.data_ptr():  # float64 votes: E_U rounded is E_U itself; c must not share its grad
-            c = c.clone()
+        E_U, E_Q, c = kernels.moments(U, w, shift)  # c a tensor of its own (no gradient), also for float64 votes
         ctx.save_for_backward(U, c, w)
         ctx.kernels = kernels
         ctx.mark_non_differentiable(c)
@@ -308,7 +315,7 @@ def fused_em_routing(
     )
     kernels = uses[-1]
     if isinstance(V, VoteFactors):
-        U, c0, *tokens = FactorVotes.apply(V.pose, V.weight, V.offset, *uses)
+        U, c0, *tokens = FactorVotes.apply(V.pose, V.weight, V.offset, *uses, V.kron)
     else:
         U, c0, *tokens = ParentVotes.apply(V, *uses)
     c0 = c0.to(STATS)  # (G, D)

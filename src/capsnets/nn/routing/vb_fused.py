@@ -8,9 +8,10 @@ plain mean ``c0`` (formed straight into U from the layer's :class:`~capsnets.nn.
 ``w_i = R_ij a_i / (R_j + eps)``:
 
 * **q(pi, mu, Lambda)** needs per parent ``R_j``, the weighted mean ``mu_bar_j = sum_i R_ij V_ij / R_j`` and
-  ``S_j = sum_i R_ij (V_ij - mu_bar_j)^2``: EM's M-step statistics, in EM's two passes (``E[U]``, then the squared
-  distances ``Q = (U - c)^2`` from the rounded mean ``c``, with the exact correction for the rounding), so that a
-  tight cluster of votes far from the plain mean loses nothing in float32;
+  ``S_j = sum_i R_ij (V_ij - mu_bar_j)^2``: EM's M-step sums (``E[U]`` and the squared distances ``Q = (U - c)^2``
+  from the rounded mean ``c``, with the exact correction for the rounding; compiled kernels take both in one pass,
+  in float64 about the last centre ``c_m``), so that a tight cluster of votes far from the plain mean loses nothing
+  in float32;
 * **q(R)** needs every vote's ``sum_h (V_ij^h - m_j^h)^2 Psi_j^h`` around the posterior mean ``m_j`` (the weighted mean
   pulled towards the prior's ``m_0``): with ``Q = (U - c_m)^2`` around ``c_m``, ``m_j - c0_j`` rounded to the votes'
   dtype, and ``delta = m_j - c0_j - c_m`` (rounding-sized),
@@ -67,7 +68,7 @@ def fused_vb_iterations(
     kernels = vote_kernels(kernels, a_in.device)  # how the passes over the votes run
     uses = (2 * iterations - 1, 2 * iterations - 1, dtype, True, kernels)
     if isinstance(V, VoteFactors):
-        U, c0, *tokens = FactorVotes.apply(V.pose, V.weight, V.offset, *uses)
+        U, c0, *tokens = FactorVotes.apply(V.pose, V.weight, V.offset, *uses, V.kron)
     else:
         U, c0, *tokens = ParentVotes.apply(V, *uses)
     plain, scaled = tokens[: 2 * (2 * iterations - 1)], tokens[2 * (2 * iterations - 1) :]

@@ -194,7 +194,8 @@ class VoteDot(torch.autograd.Function):
 class FactorVotes(torch.autograd.Function):
     """:class:`ParentVotes` from the votes' factors (:class:`~capsnets.nn.routing.VoteFactors`): the votes
     ``V = pose @ weight + offset`` are formed straight into U, centred (if ``centre``) and laid out by the kernels'
-    ``factor_votes`` (eager: block by block while in cache; compiled: in one loop), so V never exists besides U
+    ``factor_votes`` (eager: block by block while in cache; compiled: in one loop, of 4 products per element where
+    ``kron``, :class:`~capsnets.nn.routing.VoteFactors`), so V never exists besides U
     (em_caps' ConvCaps1: 678 MB at batch 32 in float32); the backward pass forms each block of dL/dV and turns it into
     the gradients of the pose, weight and offset at once."""
 
@@ -209,10 +210,11 @@ class FactorVotes(torch.autograd.Function):
         dtype: torch.dtype,
         centre: bool = True,
         kernels: EagerKernels = EAGER,
+        kron: bool = False,
     ):  # type: ignore[override]
         b, p, k, t_in, c = pose.shape  # pose (B, P, K, T_in, C), weight (K, T_in, T_out, C, D), offset (K, D)
         ctx.set_materialize_grads(False)
-        U, c0 = kernels.factor_votes(pose.reshape(b * p, k, t_in, c), weight, offset, centre, dtype)
+        U, c0 = kernels.factor_votes(pose.reshape(b * p, k, t_in, c), weight, offset, centre, dtype, kron)
         ctx.has_offset = offset is not None
         return centred_votes(ctx, U, c0, plain, scaled, kernels, pose, weight)
 
@@ -248,9 +250,9 @@ class FactorVotes(torch.autograd.Function):
                 pose_t = flat[ps].permute(1, 2, 3, 0).reshape(k * t_in, c, n)  # (K * T_in, C, n)
                 d_weight.baddbmm_(pose_t, d_votes)
         if not computed:  # no use of U has a gradient
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         if d_pose is not None:
             d_pose = d_pose.view_as(pose)
         if d_weight is not None:
             d_weight = d_weight.view(k, t_in, c, t_out, d).permute(0, 1, 3, 2, 4).to(weight.dtype)
-        return d_pose, d_weight, d_offset, None, None, None, None, None
+        return d_pose, d_weight, d_offset, None, None, None, None, None, None
